@@ -1,0 +1,82 @@
+"""Suite-wide fixtures: an isolated Redis namespace, and the live multi-process platform.
+
+`platform` starts the real ASGI server with 2 worker processes and a real
+Celery worker against the test database, once per session; tests talk to it
+over HTTP with `api` (an operator token) exactly as clients do.
+"""
+
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from iot.redis import get_redis
+from iot.testing.processes import Platform, database_url, platform_env, start_web, start_worker
+
+
+def _flush_test_namespace() -> None:
+    client = get_redis()
+    for key in client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:*", count=1000):
+        client.delete(key)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_namespace():
+    _flush_test_namespace()
+    yield
+
+
+@pytest.fixture(scope="session")
+def platform_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("platform-logs")
+
+
+@pytest.fixture(scope="session")
+def platform(django_db_setup, django_db_blocker, platform_logs):
+    """The real platform (web x2 processes + Celery worker) on the test database."""
+    with django_db_blocker.unblock():
+        env = platform_env(database=database_url(connection.settings_dict))
+    running = Platform(env=env)
+    try:
+        start_web(running, workers=2, log_dir=platform_logs)
+        start_worker(running, log_dir=platform_logs)
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def operator_token(django_db_setup, django_db_blocker) -> str:
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    with django_db_blocker.unblock():
+        user, _ = get_user_model().objects.get_or_create(username="operator")
+        token, _ = Token.objects.get_or_create(user=user)
+        return token.key
+
+
+@pytest.fixture(scope="session")
+def api(platform, operator_token):
+    """An HTTP client for the live platform, authenticated as an operator."""
+    with httpx.Client(
+        base_url=platform.base_url,
+        headers={"Authorization": f"Token {operator_token}"},
+        timeout=30.0,
+        limits=httpx.Limits(max_connections=250, max_keepalive_connections=250),
+    ) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def anonymous(platform):
+    with httpx.Client(base_url=platform.base_url, timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture
+def unique_id() -> str:
+    return uuid.uuid4().hex[:8]

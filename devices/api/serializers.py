@@ -1,0 +1,71 @@
+from rest_framework import serializers
+
+from devices.models import Device, DeviceStatus
+from iot.api.serializers import JSONObjectField, StrictCharField, StrictInputSerializer, StrictRegexField
+
+VERSION_LABEL = r"^[A-Za-z0-9._+\-]+$"
+
+
+class DeviceSerializer(serializers.ModelSerializer):
+    """The device as every API client sees it."""
+
+    class Meta:
+        model = Device
+        fields = (
+            "id",
+            "serial_number",
+            "device_type",
+            "firmware_version",
+            "status",
+            "location",
+            "group_id",
+            "metadata",
+            "registered_at",
+            "last_seen",
+        )
+        read_only_fields = fields
+
+
+class DeviceRegistrationResponseSerializer(DeviceSerializer):
+    device_token = serializers.CharField(
+        read_only=True, help_text="Only in the 201 of a new registration: the device's credential, shown once."
+    )
+
+    class Meta(DeviceSerializer.Meta):
+        fields = (*DeviceSerializer.Meta.fields, "device_token")
+        read_only_fields = fields
+
+
+class DeviceRegisterSerializer(StrictInputSerializer):
+    serial_number = StrictCharField(max_length=128, trim_whitespace=True)
+    device_type = StrictCharField(max_length=64)
+    firmware_version = StrictRegexField(VERSION_LABEL, max_length=64)
+    location = StrictCharField(max_length=255, required=False, allow_null=True, allow_blank=True)
+    group_id = StrictCharField(max_length=128, required=False, allow_null=True)
+    metadata = JSONObjectField(required=False)
+
+    def validate_serial_number(self, value: str) -> str:
+        if not value.isprintable():
+            raise serializers.ValidationError("Must contain printable characters only.")
+        return value
+
+
+class DeviceUpdateSerializer(StrictInputSerializer):
+    location = StrictCharField(max_length=255, required=False, allow_null=True, allow_blank=True)
+    status = serializers.ChoiceField(choices=DeviceStatus.choices, required=False)
+    group_id = StrictCharField(max_length=128, required=False, allow_null=True)
+    metadata = JSONObjectField(required=False)
+    device_type = StrictCharField(max_length=64, required=False)
+    firmware_version = StrictRegexField(VERSION_LABEL, max_length=64, required=False)
+
+    def validate(self, attrs):
+        if not attrs:
+            raise serializers.ValidationError(f"Send at least one of: {', '.join(self.fields)}.")
+        return attrs
+
+
+class DeviceListQuerySerializer(StrictInputSerializer):
+    group_id = StrictCharField(max_length=128, required=False)
+    status = serializers.ChoiceField(choices=DeviceStatus.choices, required=False)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000)
+    cursor = serializers.CharField(required=False)

@@ -1,0 +1,45 @@
+"""The device read cache: how a Device is keyed, stored and invalidated in Redis.
+
+Built on the version-guarded cache in `iot.cache`; the `version` column is the guard.
+"""
+
+import json
+from uuid import UUID
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connection, transaction
+
+from devices.models import Device
+from iot.cache import versioned_cache_invalidate
+from iot.redis import redis_key
+
+# The credential hash never leaves Postgres.
+_CACHED_FIELDS = [f for f in Device._meta.concrete_fields if f.attname != "token_hash"]
+
+
+def device_cache_key(device_id: UUID | str) -> str:
+    return redis_key("cache", "device", device_id)
+
+
+def device_to_cache(device: Device) -> bytes:
+    return json.dumps({f.attname: getattr(device, f.attname) for f in _CACHED_FIELDS}, cls=DjangoJSONEncoder).encode()
+
+
+def device_from_cache(payload: bytes) -> Device:
+    raw = json.loads(payload)
+    device = Device(**{f.attname: f.to_python(raw[f.attname]) for f in _CACHED_FIELDS})
+    device._state.adding = False
+    return device
+
+
+def device_cache_invalidate(*, device_id: UUID | str, version: int) -> None:
+    """Tombstone the cached device now and, if inside a transaction, again after commit.
+
+    The in-transaction call makes a write fail (and roll back) rather than
+    commit while Redis can't be told; the after-commit call covers transactions
+    that outlive the tombstone.
+    """
+    key = device_cache_key(device_id)
+    versioned_cache_invalidate(key=key, version=version)
+    if connection.in_atomic_block:
+        transaction.on_commit(lambda: versioned_cache_invalidate(key=key, version=version), robust=True)

@@ -1,0 +1,154 @@
+"""Writes to the device registry. Every function is one atomic database operation.
+
+No check-then-act anywhere: registration is one `INSERT ... ON CONFLICT DO
+NOTHING`, updates are one `UPDATE` of only the columns they change (plus the
+cache `version`), so concurrent callers in any number of processes can never
+create a duplicate device or overwrite each other's fields.
+"""
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from devices.cache import device_cache_invalidate
+from devices.models import Device, DeviceStatus
+
+
+@dataclass(frozen=True)
+class DeviceRegistration:
+    device: Device
+    created: bool
+    # The plaintext credential, only when `created`: it is shown once and stored hashed.
+    device_token: str | None
+
+
+def device_token_hash(token: str) -> str:
+    # The token carries 256 random bits, so a fast hash is enough (no brute force
+    # is possible) and lets authentication look the device up by index.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+_INSERT_SQL = """
+INSERT INTO devices_device
+    (id, serial_number, device_type, firmware_version, status, location, group_id,
+     metadata, registered_at, updated_at, version, token_hash)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s)
+ON CONFLICT (serial_number) DO NOTHING
+RETURNING id
+"""
+
+
+def device_register(
+    *,
+    serial_number: str,
+    device_type: str,
+    firmware_version: str,
+    location: str | None = None,
+    group_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> DeviceRegistration:
+    """Register a device, or return the existing one with that serial number, unchanged.
+
+    Concurrent calls for one serial number block on the unique index inside
+    Postgres until the first commits; exactly one inserts, all get its row.
+    """
+    token = secrets.token_urlsafe(32)
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _INSERT_SQL,
+            [
+                uuid.uuid4(),
+                serial_number,
+                device_type,
+                firmware_version,
+                DeviceStatus.REGISTERED,
+                location,
+                group_id,
+                Device._meta.get_field("metadata").get_db_prep_value(metadata or {}, connection),
+                now,
+                now,
+                device_token_hash(token),
+            ],
+        )
+        inserted = cursor.fetchone()
+    if inserted is not None:
+        return DeviceRegistration(device=Device.objects.get(pk=inserted[0]), created=True, device_token=token)
+    # READ COMMITTED: this statement sees the row the conflicting transaction committed.
+    return DeviceRegistration(device=Device.objects.get(serial_number=serial_number), created=False, device_token=None)
+
+
+UPDATABLE_FIELDS = frozenset({"location", "status", "group_id", "metadata", "device_type", "firmware_version"})
+
+
+@transaction.atomic
+def device_update(*, device_id: uuid.UUID, changes: dict[str, Any]) -> Device:
+    """Set the given fields (a sent field replaces its value) and return the new row.
+
+    Raises `Device.DoesNotExist` for an unknown id.
+    """
+    unknown = set(changes) - UPDATABLE_FIELDS
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    updated = Device.objects.filter(pk=device_id).update(**changes, version=F("version") + 1, updated_at=timezone.now())
+    if not updated:
+        raise Device.DoesNotExist(device_id)
+    device = Device.objects.get(pk=device_id)
+    device_cache_invalidate(device_id=device.pk, version=device.version)
+    return device
+
+
+@transaction.atomic
+def device_bulk_update(*, device_ids: list[uuid.UUID], changes: dict[str, Any]) -> int:
+    """The same change for many devices (admin bulk actions); returns how many changed."""
+    unknown = set(changes) - UPDATABLE_FIELDS
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    with connection.cursor() as cursor:
+        assignments = ", ".join(f"{connection.ops.quote_name(name)} = %s" for name in changes)
+        cursor.execute(
+            f"UPDATE devices_device SET {assignments}, version = version + 1, updated_at = now() "
+            "WHERE id = ANY(%s) RETURNING id, version",
+            [*changes.values(), list(device_ids)],
+        )
+        rows = cursor.fetchall()
+    for device_id, version in rows:
+        device_cache_invalidate(device_id=device_id, version=version)
+    return len(rows)
+
+
+# Telemetry touches `last_seen` at most this often per device, so a device
+# streaming many points a second costs one row update (and one cache refill) a second.
+LAST_SEEN_RESOLUTION_MS = 1000
+
+_MARK_SEEN_SQL = f"""
+UPDATE devices_device
+SET last_seen = now(),
+    status = CASE WHEN status IN ('registered', 'inactive') THEN 'active' ELSE status END,
+    version = version + 1
+WHERE id = ANY(%s)
+  AND (last_seen IS NULL
+       OR last_seen < now() - interval '{LAST_SEEN_RESOLUTION_MS} milliseconds'
+       OR status IN ('registered', 'inactive'))
+RETURNING id, version
+"""
+
+
+def device_mark_seen(*, device_ids: list[uuid.UUID]) -> int:
+    """Telemetry arrived: bump `last_seen` and make a new/inactive device `active`.
+
+    One UPDATE of just those columns (never a read-modify-write of the row, so a
+    concurrent PATCH is never overwritten). Returns how many rows changed.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_MARK_SEEN_SQL, [list(device_ids)])
+        rows = cursor.fetchall()
+    for device_id, version in rows:
+        device_cache_invalidate(device_id=device_id, version=version)
+    return len(rows)

@@ -1,0 +1,78 @@
+import uuid
+
+import pytest
+
+from devices.cache import device_cache_key
+from devices.models import Device, DeviceStatus
+from devices.selectors import device_get
+from devices.services import device_bulk_update, device_mark_seen, device_register, device_token_hash, device_update
+from iot.cache import versioned_cache_get
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def new_device(**fields):
+    return device_register(
+        serial_number=f"SN-{uuid.uuid4().hex[:10]}", device_type="sensor", firmware_version="1.0.0", **fields
+    )
+
+
+def test_register_creates_with_hashed_token():
+    registration = new_device(location="Lab", metadata={"k": "v"})
+    assert registration.created and registration.device_token
+    device = Device.objects.get(pk=registration.device.pk)
+    assert device.token_hash == device_token_hash(registration.device_token)
+    assert registration.device_token not in device.token_hash
+    assert (device.status, device.location, device.metadata, device.version) == ("registered", "Lab", {"k": "v"}, 1)
+
+
+def test_register_existing_serial_returns_it_unchanged_without_token():
+    first = new_device(location="A")
+    again = device_register(
+        serial_number=first.device.serial_number, device_type="gateway", firmware_version="9", location="B"
+    )
+    assert not again.created and again.device_token is None
+    assert again.device.pk == first.device.pk and again.device.location == "A"
+
+
+def test_update_bumps_version_and_invalidates_cache():
+    device = new_device().device
+    assert device_get(device_id=device.pk).location is None  # fills the cache
+    assert versioned_cache_get(key=device_cache_key(device.pk)).hit
+    updated = device_update(device_id=device.pk, changes={"location": "Roof"})
+    assert updated.version == 2
+    assert not versioned_cache_get(key=device_cache_key(device.pk)).hit
+    assert device_get(device_id=device.pk).location == "Roof"
+
+
+def test_update_unknown_device_and_unknown_fields():
+    with pytest.raises(Device.DoesNotExist):
+        device_update(device_id=uuid.uuid4(), changes={"location": "x"})
+    with pytest.raises(ValueError):
+        device_update(device_id=new_device().device.pk, changes={"serial_number": "x"})
+
+
+def test_mark_seen_touches_only_its_columns():
+    device = new_device(location="Keep me").device
+    device_update(device_id=device.pk, changes={"status": DeviceStatus.MAINTENANCE})
+    assert device_mark_seen(device_ids=[device.pk]) == 1
+    row = Device.objects.get(pk=device.pk)
+    # maintenance is an operator decision: telemetry does not override it
+    assert (row.status, row.location) == ("maintenance", "Keep me")
+    assert row.last_seen is not None
+
+
+def test_mark_seen_activates_and_is_rate_limited_per_device():
+    device = new_device().device
+    assert device_mark_seen(device_ids=[device.pk]) == 1
+    assert Device.objects.get(pk=device.pk).status == DeviceStatus.ACTIVE
+    # within the resolution window a second touch costs no row update
+    assert device_mark_seen(device_ids=[device.pk]) == 0
+
+
+def test_bulk_update_changes_all_and_invalidates():
+    devices = [new_device().device for _ in range(3)]
+    for device in devices:
+        device_get(device_id=device.pk)
+    assert device_bulk_update(device_ids=[d.pk for d in devices], changes={"group_id": "g-1"}) == 3
+    assert {device_get(device_id=d.pk).group_id for d in devices} == {"g-1"}

@@ -1,0 +1,213 @@
+"""Django settings, read from the environment (12-factor, via django-environ).
+
+Every operational knob of the platform is an environment variable; the defaults
+equal the seed service's. See `.env.example` for the full list.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+# A local `.env` is honoured for development; real deployments set the environment.
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
+if not SECRET_KEY:
+    # No silent production default: only DEBUG gets a throwaway key.
+    if not DEBUG:
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set (or DJANGO_DEBUG=1 for local use).")
+    SECRET_KEY = "insecure-debug-only-key"
+
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "channels",
+    "iot",
+    "iot.idempotency",
+    "devices",
+    "telemetry",
+    "firmware",
+    "alerts",
+    "analytics",
+]
+
+MIDDLEWARE = [
+    "iot.metrics.RequestMetricsMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "iot.urls"
+ASGI_APPLICATION = "iot.asgi.application"
+WSGI_APPLICATION = "iot.wsgi.application"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Postgres -----------------------------------------------------------------
+# Connections come from a psycopg pool per process: under ASGI, persistent
+# per-thread connections (CONN_MAX_AGE) would leak, a pool is the supported way.
+DATABASES = {"default": env.db_url("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/iot")}
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+DATABASES["default"].setdefault("OPTIONS", {})
+DATABASES["default"]["OPTIONS"]["pool"] = {
+    "min_size": env.int("DB_POOL_MIN_SIZE", default=2),
+    "max_size": env.int("DB_POOL_MAX_SIZE", default=20),
+    "timeout": env.float("DB_POOL_TIMEOUT_SECONDS", default=10.0),
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis --------------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+REDIS_MAX_CONNECTIONS = env.int("REDIS_MAX_CONNECTIONS", default=100)
+REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=5.0)
+# Every key the platform writes starts with this, so several deployments (or the
+# test suite) can share one Redis server without touching each other's keys.
+REDIS_KEY_PREFIX = env.str("REDIS_KEY_PREFIX", default="iot")
+
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": f"{REDIS_KEY_PREFIX}:django",
+        "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+    }
+}
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_KEY_PREFIX}:channels:"},
+    }
+}
+
+# --- Celery -------------------------------------------------------------------
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{REDIS_KEY_PREFIX}:celery:"}
+CELERY_BEAT_SCHEDULE = {
+    "idempotency-keys-cleanup": {
+        "task": "iot.idempotency.tasks.idempotency_keys_cleanup",
+        "schedule": env.float("IDEMPOTENCY_CLEANUP_INTERVAL_SECONDS", default=3600.0),
+    },
+}
+WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
+
+# --- Auth & API ---------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "devices.authentication.DeviceTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["iot.api.permissions.IsOperator"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "iot.api.exceptions.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+if DEBUG:
+    REST_FRAMEWORK["DEFAULT_RENDERER_CLASSES"].append("rest_framework.renderers.BrowsableAPIRenderer")
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "IoT fleet platform API",
+    "DESCRIPTION": "Device registry, telemetry, firmware, alerts and fleet analytics.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# --- Platform knobs (defaults equal the seed's) -------------------------------
+IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=24 * 3600)
+IDEMPOTENCY_WAIT_SECONDS = env.float("IDEMPOTENCY_WAIT_SECONDS", default=5.0)
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+
+DEVICE_CACHE_TTL_SECONDS = env.int("DEVICE_CACHE_TTL_SECONDS", default=300)
+# A cache fill computed from a database read older than this is refused, so a
+# reader that stalls between its read and its fill can never store old data.
+CACHE_FILL_MAX_AGE_MS = env.int("CACHE_FILL_MAX_AGE_MS", default=5000)
+
+RATE_LIMIT_TELEMETRY_PER_DEVICE = env.int("RATE_LIMIT_TELEMETRY_PER_DEVICE", default=100)
+RATE_LIMIT_WINDOW_SECONDS = env.int("RATE_LIMIT_WINDOW_SECONDS", default=60)
+RATE_LIMIT_GLOBAL_PER_SECOND = env.int("RATE_LIMIT_GLOBAL_PER_SECOND", default=10_000)
+
+EVENT_QUEUE_MAX_SIZE = env.int("EVENT_QUEUE_MAX_SIZE", default=10_000)
+BACKPRESSURE_QUEUE_THRESHOLD = env.int("BACKPRESSURE_QUEUE_THRESHOLD", default=8_000)
+BACKPRESSURE_REJECT_THRESHOLD = env.int("BACKPRESSURE_REJECT_THRESHOLD", default=9_500)
+EVENT_BUS_WORKER_COUNT = env.int("EVENT_BUS_WORKER_COUNT", default=2)
+
+TELEMETRY_RETENTION_SECONDS = env.int("TELEMETRY_RETENTION_SECONDS", default=30 * 24 * 3600)
+TELEMETRY_BATCH_MAX_POINTS = env.int("TELEMETRY_BATCH_MAX_POINTS", default=1000)
+
+CIRCUIT_BREAKER_FAILURE_THRESHOLD = env.int("CIRCUIT_BREAKER_FAILURE_THRESHOLD", default=5)
+CIRCUIT_BREAKER_TIMEOUT_SECONDS = env.int("CIRCUIT_BREAKER_TIMEOUT_SECONDS", default=60)
+CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS = env.int("CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS", default=3)
+LOCK_TIMEOUT_SECONDS = env.int("LOCK_TIMEOUT_SECONDS", default=30)
+
+# --- Observability ------------------------------------------------------------
+# With several worker processes, prometheus_client aggregates through files here.
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default="")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}
+
+# --- i18n / static ------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "staticfiles"

@@ -1,0 +1,1 @@
+"""Test and benchmark harness: real server processes against real Postgres and Redis."""

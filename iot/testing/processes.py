@@ -1,0 +1,147 @@
+"""Start the platform's real processes (multi-worker ASGI server, Celery worker) for tests and benches.
+
+Nothing here is a stand-in: it launches exactly what `make web` / `make worker`
+launch, as subprocesses, and waits for them with a deadline.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url(settings_dict: dict) -> str:
+    """A DATABASE_URL for the database Django is connected to (e.g. the test database)."""
+    user = quote(settings_dict.get("USER") or "", safe="")
+    password = quote(settings_dict.get("PASSWORD") or "", safe="")
+    credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    host = quote(settings_dict.get("HOST") or "", safe="")
+    port = f":{settings_dict['PORT']}" if settings_dict.get("PORT") else ""
+    return f"postgres://{credentials}{host}{port}/{settings_dict['NAME']}"
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """Hard-kill the process and its children (a crash, for failure tests)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class Platform:
+    """A running web server (and optionally workers) plus the environment they share."""
+
+    env: dict[str, str]
+    base_url: str = ""
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for managed in reversed(self.processes):
+            managed.stop()
+
+
+def platform_env(*, database: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "DATABASE_URL": database,
+            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "iot.settings_test"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> ManagedProcess:
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
+    process = subprocess.Popen(
+        argv, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    log_file.close()
+    return ManagedProcess(name=name, process=process, log_path=log_path)
+
+
+def start_web(platform: Platform, *, workers: int = 2, log_dir: Path, timeout: float = 60.0) -> ManagedProcess:
+    port = free_port()
+    metrics_dir = Path(tempfile.mkdtemp(prefix="iot-prom-", dir=log_dir))
+    env = {
+        **platform.env,
+        "PORT": str(port),
+        "WEB_CONCURRENCY": str(workers),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    managed = _spawn("web", [sys.executable, str(REPO_ROOT / "scripts" / "platform.py"), "web"], env, log_dir)
+    platform.processes.append(managed)
+    platform.base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if managed.process.poll() is not None:
+            raise RuntimeError(f"web server exited early:\n{managed.log_tail()}")
+        try:
+            if httpx.get(f"{platform.base_url}/health/live", timeout=1.0).status_code == 200:
+                return managed
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"web server not live after {timeout}s:\n{managed.log_tail()}")
+
+
+def start_worker(platform: Platform, *, log_dir: Path, name: str = "worker") -> ManagedProcess:
+    managed = _spawn(
+        name, [sys.executable, str(REPO_ROOT / "scripts" / "platform.py"), "worker"], platform.env, log_dir
+    )
+    platform.processes.append(managed)
+    return managed
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.05, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)

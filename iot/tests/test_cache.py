@@ -1,0 +1,69 @@
+"""The version-guarded cache against real Redis, including the race plain cache-aside loses."""
+
+import time
+import uuid
+
+import pytest
+from django.test import override_settings
+
+from iot.cache import versioned_cache_fill, versioned_cache_get, versioned_cache_invalidate
+from iot.redis import get_redis, redis_key
+
+
+@pytest.fixture
+def key():
+    return redis_key("test-cache", uuid.uuid4().hex)
+
+
+def fill(key, version, payload, started):
+    return versioned_cache_fill(key=key, version=version, payload=payload, read_started_ms=started, ttl_seconds=60)
+
+
+def test_miss_then_fill_then_hit(key):
+    miss = versioned_cache_get(key=key)
+    assert not miss.hit and miss.read_started_ms > 0
+    assert fill(key, 1, b"v1", miss.read_started_ms)
+    assert versioned_cache_get(key=key).payload == b"v1"
+
+
+def test_reader_that_read_before_a_write_cannot_refill_old_data(key):
+    """The stale-fill race: read v1 from the DB, a write commits v2 and invalidates, then the fill."""
+    assert fill(key, 1, b"v1", versioned_cache_get(key=key).read_started_ms)
+    slow_reader = versioned_cache_get(key=key)  # hit, but a reader that missed would look like:
+    assert slow_reader.hit
+    versioned_cache_invalidate(key=key, version=2)  # writer: UPDATE ... version=2, then invalidate
+    late_miss = versioned_cache_get(key=key)
+    assert not late_miss.hit
+    # The reader that fetched version 1 before the write now tries to store it: refused.
+    assert not fill(key, 1, b"v1", late_miss.read_started_ms)
+    assert not versioned_cache_get(key=key).hit
+    # A reader that fetched version 2 fills normally.
+    assert fill(key, 2, b"v2", late_miss.read_started_ms)
+    assert versioned_cache_get(key=key).payload == b"v2"
+
+
+def test_older_fill_never_overwrites_newer_payload(key):
+    started = versioned_cache_get(key=key).read_started_ms
+    assert fill(key, 5, b"v5", started)
+    assert not fill(key, 4, b"v4", started)
+    assert versioned_cache_get(key=key).payload == b"v5"
+
+
+def test_invalidate_never_lowers_the_known_version(key):
+    started = versioned_cache_get(key=key).read_started_ms
+    assert fill(key, 7, b"v7", started)
+    versioned_cache_invalidate(key=key, version=3)  # a late, older invalidation is a no-op
+    assert versioned_cache_get(key=key).payload == b"v7"
+
+
+@override_settings(CACHE_FILL_MAX_AGE_MS=50)
+def test_fill_from_a_stale_read_is_refused_even_after_the_tombstone_expired(key):
+    started = versioned_cache_get(key=key).read_started_ms
+    time.sleep(0.1)  # the reader stalled between its database read and its fill (not a timing assert)
+    assert not fill(key, 1, b"v1", started)
+    assert not versioned_cache_get(key=key).hit
+
+
+def test_tombstone_outlives_the_fill_window(key):
+    versioned_cache_invalidate(key=key, version=2)
+    assert get_redis().pttl(key) >= 60_000

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Run the platform's processes: `web`, `worker`, or `all` (what `make run` runs).
+
+    python scripts/platform.py web      # ASGI server, WEB_CONCURRENCY processes on PORT
+    python scripts/platform.py worker   # Celery worker (+ beat scheduler unless WORKER_BEAT=0)
+    python scripts/platform.py all      # migrate, then web + worker; Ctrl-C/SIGTERM stops both
+
+Database and Redis come from DATABASE_URL / REDIS_URL (`make` starts embedded
+servers when they are unset, see scripts/devservices.py).
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VAR = REPO_ROOT / "var"
+
+
+def _ensure_secret_key() -> None:
+    # Local convenience only: the settings refuse to start without a key, and
+    # a deployment sets DJANGO_SECRET_KEY itself.
+    if os.environ.get("DJANGO_SECRET_KEY"):
+        return
+    key_file = VAR / "secret_key"
+    if not key_file.exists():
+        VAR.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    os.environ["DJANGO_SECRET_KEY"] = key_file.read_text().strip()
+
+
+def _metrics_dir() -> None:
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or VAR / "prometheus" / str(os.getpid()))
+    # Files of a previous run would be summed into this run's counters.
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def web_argv() -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "iot.asgi:application",
+        "--host",
+        os.environ.get("HOST", "127.0.0.1"),
+        "--port",
+        os.environ.get("PORT", "8000"),
+        "--workers",
+        os.environ.get("WEB_CONCURRENCY", "2"),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--lifespan",
+        "off",
+        "--no-access-log",
+        "--timeout-graceful-shutdown",
+        "10",
+    ]
+
+
+def worker_argv() -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "iot",
+        "worker",
+        "--loglevel",
+        os.environ.get("LOG_LEVEL", "INFO"),
+        "--concurrency",
+        os.environ.get("WORKER_CONCURRENCY", "2"),
+        "--hostname",
+        f"worker-{os.getpid()}@%h",
+    ]
+    if os.environ.get("WORKER_BEAT", "1") == "1":
+        VAR.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", str(VAR / f"celerybeat-schedule-{os.getpid()}")]
+    return argv
+
+
+def _run_children(commands: dict[str, list[str]]) -> int:
+    children = {name: subprocess.Popen(argv, cwd=REPO_ROOT) for name, argv in commands.items()}
+    stopping = False
+
+    def stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    exit_code = 0
+    while not stopping:
+        for name, child in children.items():
+            code = child.poll()
+            if code is not None:
+                print(f"platform: {name} exited with {code}; stopping the rest", file=sys.stderr)
+                exit_code = code or 1
+                stopping = True
+        time.sleep(0.2)
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for child in children.values():
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return exit_code
+
+
+def _manage(*args: str) -> None:
+    subprocess.run([sys.executable, str(REPO_ROOT / "manage.py"), *args], cwd=REPO_ROOT, check=True)
+
+
+def main() -> int:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "all"
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "iot.settings")
+    _ensure_secret_key()
+    if mode == "web":
+        _metrics_dir()
+        os.execv(sys.executable, web_argv())
+    if mode == "worker":
+        os.execv(sys.executable, worker_argv())
+    if mode != "all":
+        print(__doc__, file=sys.stderr)
+        return 2
+    _metrics_dir()
+    _manage("migrate", "--no-input")
+    _manage("bootstrap_admin")
+    port = os.environ.get("PORT", "8000")
+    print(
+        f"\n  Platform starting on http://127.0.0.1:{port}\n"
+        f"  Admin:    http://127.0.0.1:{port}/admin/\n"
+        f"  API docs: http://127.0.0.1:{port}/api/docs\n"
+        "  API token: python manage.py create_api_token <username>\n",
+        flush=True,
+    )
+    return _run_children({"web": web_argv(), "worker": worker_argv()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,20 +1,24 @@
-"""ASGI entry point: HTTP (Django + DRF, static files for the admin) and WebSockets (Channels)."""
+"""ASGI entry point: HTTP through the pooled WSGI bridge, WebSockets through Channels.
+
+See `iot.asgi_bridge` for why HTTP is not served by Django's ASGI handler.
+"""
 
 import os
 
-from django.core.asgi import get_asgi_application
+from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "iot.settings")
-django_asgi_app = get_asgi_application()
+django_wsgi_app = get_wsgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.contrib.staticfiles.handlers import StaticFilesHandler  # noqa: E402
 
+from iot.asgi_bridge import pooled_http_application  # noqa: E402
 from iot.websocket import WebSocketAuthMiddleware, websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": ASGIStaticFilesHandler(django_asgi_app),
+        "http": pooled_http_application(StaticFilesHandler(django_wsgi_app)),
         "websocket": WebSocketAuthMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )

@@ -31,9 +31,12 @@ def database_url(settings_dict: dict) -> str:
     user = quote(settings_dict.get("USER") or "", safe="")
     password = quote(settings_dict.get("PASSWORD") or "", safe="")
     credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-    host = quote(settings_dict.get("HOST") or "", safe="")
+    host = settings_dict.get("HOST") or ""
     port = f":{settings_dict['PORT']}" if settings_dict.get("PORT") else ""
-    return f"postgres://{credentials}{host}{port}/{settings_dict['NAME']}"
+    if host.startswith("/"):
+        # A unix-socket directory: django-environ reads `postgres://user@:port//socket/dir/name`.
+        return f"postgres://{credentials}{port}/{quote(host, safe='/')}/{settings_dict['NAME']}"
+    return f"postgres://{credentials}{quote(host, safe='')}{port}/{settings_dict['NAME']}"
 
 
 @dataclass
@@ -145,3 +148,9 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.05, message: st
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def psycopg_conninfo(settings_dict: dict) -> dict:
+    """Keyword arguments for `psycopg.connect` to the database Django is configured for."""
+    keys = {"HOST": "host", "PORT": "port", "USER": "user", "PASSWORD": "password", "NAME": "dbname"}
+    return {arg: settings_dict[key] for key, arg in keys.items() if settings_dict.get(key)}

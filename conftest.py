@@ -17,6 +17,21 @@ from iot.redis import get_redis
 from iot.testing.processes import Platform, database_url, platform_env, start_web, start_worker
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Give live tests the test database without moving them.
+
+    pytest-django creates only the databases that collected tests ask for, so a
+    run of live tests alone would otherwise point the servers at the main
+    database. Marking them here, after pytest-django has ordered the session,
+    keeps them last: after the transactional tests, whose flush empties every
+    table (the session's operator token included).
+    """
+    for item in items:
+        if item.get_closest_marker("live") and not item.get_closest_marker("django_db"):
+            item.add_marker(pytest.mark.django_db)
+
+
 def _flush_test_namespace() -> None:
     client = get_redis()
     for key in client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:*", count=1000):

@@ -8,6 +8,7 @@ from django.db.models import QuerySet
 from devices.cache import device_cache_key, device_from_cache, device_to_cache
 from devices.models import Device
 from iot.cache import versioned_cache_fill, versioned_cache_get
+from iot.redis import get_redis, redis_key
 
 
 def device_get(*, device_id: uuid.UUID) -> Device | None:
@@ -40,5 +41,21 @@ def device_list(*, group_id: str | None = None, status: str | None = None) -> Qu
     return devices
 
 
+# A credential belongs to one device for good (tokens are never reassigned), so
+# the token -> device id mapping can be cached without invalidation; the
+# device's state (decommissioned?) still comes from the version-guarded cache.
+DEVICE_TOKEN_CACHE_TTL_SECONDS = 3600
+
+
 def device_get_by_token_hash(*, token_hash: str) -> Device | None:
-    return Device.objects.filter(token_hash=token_hash).only("id", "status", "serial_number").first()
+    """The device a credential belongs to (two Redis reads on the hot path, no SQL)."""
+    client = get_redis()
+    key = redis_key("cache", "device-token", token_hash)
+    cached_id = client.get(key)
+    if cached_id is not None:
+        return device_get(device_id=uuid.UUID(cached_id.decode()))
+    device_id = Device.objects.filter(token_hash=token_hash).values_list("id", flat=True).first()
+    if device_id is None:
+        return None
+    client.set(key, str(device_id), ex=DEVICE_TOKEN_CACHE_TTL_SECONDS)
+    return device_get(device_id=device_id)

@@ -21,6 +21,11 @@ remembers the newest version written. Two Lua scripts keep the invariant
 Writers invalidate inside their transaction (so a write cannot commit without
 it) and again after commit (so a long transaction cannot outlive the tombstone).
 A fill that races a write is simply refused; the next read fills the new version.
+
+Data without a version column (e.g. API tokens) uses the same scripts with time
+as the version (`timed_cache_*`): a miss records Redis' clock before the
+database read, the invalidation after a change records Redis' clock after the
+commit, and a fill is refused if its read started before the last invalidation.
 """
 
 from dataclasses import dataclass
@@ -56,9 +61,15 @@ _INVALIDATE = register_script(
     """
 local cur = redis.call('HGET', KEYS[1], 'v')
 local version = tonumber(ARGV[1])
+if version < 0 then
+  -- Time-versioned entries: the tombstone is the next millisecond by Redis' clock,
+  -- so a read that began in this same millisecond (maybe before the commit) is refused.
+  local t = redis.call('TIME')
+  version = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 1
+end
 if cur and tonumber(cur) > version then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'v', ARGV[1])
+redis.call('HSET', KEYS[1], 'v', version)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -101,3 +112,24 @@ def versioned_cache_fill(*, key: str, version: int, payload: bytes, read_started
 def versioned_cache_invalidate(*, key: str, version: int) -> None:
     """Forget any payload older than or equal to `version` and refuse older fills."""
     _INVALIDATE(keys=[key], args=[version, _tombstone_ttl_ms()])
+
+
+def timed_cache_get(*, key: str) -> CacheLookup:
+    """For data without a version column: the read's Redis time is its version."""
+    return versioned_cache_get(key=key)
+
+
+def timed_cache_fill(*, key: str, payload: bytes, lookup: CacheLookup, ttl_seconds: int) -> bool:
+    """Store data read from the database after `lookup` missed; refused if invalidated since."""
+    return versioned_cache_fill(
+        key=key,
+        version=lookup.read_started_ms,
+        payload=payload,
+        read_started_ms=lookup.read_started_ms,
+        ttl_seconds=ttl_seconds,
+    )
+
+
+def timed_cache_invalidate(*, key: str) -> None:
+    """Call after the change committed: any fill whose read began before now (Redis time) is refused."""
+    _INVALIDATE(keys=[key], args=[-1, _tombstone_ttl_ms()])

@@ -142,7 +142,7 @@ AUTH_PASSWORD_VALIDATORS = [
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "iot.api.authentication.CachedTokenAuthentication",
         "devices.authentication.DeviceTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
@@ -182,6 +182,13 @@ EVENT_QUEUE_MAX_SIZE = env.int("EVENT_QUEUE_MAX_SIZE", default=10_000)
 BACKPRESSURE_QUEUE_THRESHOLD = env.int("BACKPRESSURE_QUEUE_THRESHOLD", default=8_000)
 BACKPRESSURE_REJECT_THRESHOLD = env.int("BACKPRESSURE_REJECT_THRESHOLD", default=9_500)
 EVENT_BUS_WORKER_COUNT = env.int("EVENT_BUS_WORKER_COUNT", default=2)
+# A consumer's unacknowledged entry idle this long is reclaimed by another consumer.
+EVENT_QUEUE_CLAIM_IDLE_MS = env.int("EVENT_QUEUE_CLAIM_IDLE_MS", default=30_000)
+# An entry delivered this many times without success goes to the dead-letter stream.
+EVENT_QUEUE_MAX_DELIVERIES = env.int("EVENT_QUEUE_MAX_DELIVERIES", default=5)
+EVENT_QUEUE_DEAD_LETTER_MAX_LEN = env.int("EVENT_QUEUE_DEAD_LETTER_MAX_LEN", default=10_000)
+# Extra modules with @event_handler functions (besides every app's events.py).
+EVENT_HANDLER_MODULES = env.list("EVENT_HANDLER_MODULES", default=[])
 
 TELEMETRY_RETENTION_SECONDS = env.int("TELEMETRY_RETENTION_SECONDS", default=30 * 24 * 3600)
 TELEMETRY_BATCH_MAX_POINTS = env.int("TELEMETRY_BATCH_MAX_POINTS", default=1000)
@@ -189,7 +196,6 @@ TELEMETRY_BATCH_MAX_POINTS = env.int("TELEMETRY_BATCH_MAX_POINTS", default=1000)
 CIRCUIT_BREAKER_FAILURE_THRESHOLD = env.int("CIRCUIT_BREAKER_FAILURE_THRESHOLD", default=5)
 CIRCUIT_BREAKER_TIMEOUT_SECONDS = env.int("CIRCUIT_BREAKER_TIMEOUT_SECONDS", default=60)
 CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS = env.int("CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS", default=3)
-LOCK_TIMEOUT_SECONDS = env.int("LOCK_TIMEOUT_SECONDS", default=30)
 
 # --- Observability ------------------------------------------------------------
 # With several worker processes, prometheus_client aggregates through files here.
@@ -211,3 +217,13 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "staticfiles"
+
+# --- Telemetry pipeline (telemetry app) ----------------------------------------
+# Points stamped further ahead of the server clock than this are refused (422).
+TELEMETRY_MAX_FUTURE_SECONDS = env.int("TELEMETRY_MAX_FUTURE_SECONDS", default=300)
+# Daily partitions are created this many days ahead (and for the whole retention window behind).
+TELEMETRY_PARTITION_PREMAKE_DAYS = env.int("TELEMETRY_PARTITION_PREMAKE_DAYS", default=7)
+CELERY_BEAT_SCHEDULE["telemetry-partitions-maintain"] = {
+    "task": "telemetry.tasks.telemetry_partitions_maintenance",
+    "schedule": env.float("TELEMETRY_PARTITION_MAINTENANCE_INTERVAL_SECONDS", default=3600.0),
+}

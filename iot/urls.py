@@ -18,4 +18,5 @@ urlpatterns = [
     path("api/docs", SpectacularSwaggerView.as_view(url_name="schema", permission_classes=[]), name="swagger-ui"),
     path("api/redoc", SpectacularRedocView.as_view(url_name="schema", permission_classes=[]), name="redoc"),
     path("", include("devices.api.urls")),
+    path("", include("telemetry.api.urls")),
 ]

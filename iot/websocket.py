@@ -10,7 +10,9 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 
-websocket_urlpatterns: list = []
+from telemetry.routing import websocket_urlpatterns as telemetry_websocket_urlpatterns
+
+websocket_urlpatterns: list = [*telemetry_websocket_urlpatterns]
 
 
 @database_sync_to_async
@@ -26,7 +28,9 @@ def _principal_for(scheme: str, credential: str):
         from devices.services import device_token_hash
 
         device = device_get_by_token_hash(token_hash=device_token_hash(credential))
-        return DevicePrincipal(device_id=device.pk, serial_number=device.serial_number) if device else None
+        if device is None or device.status == "decommissioned":
+            return None
+        return DevicePrincipal(device_id=device.pk, serial_number=device.serial_number)
     return None
 
 

@@ -2,7 +2,7 @@
 """Run the platform's processes: `web`, `worker`, or `all` (what `make run` runs).
 
     python scripts/platform.py web      # ASGI server, WEB_CONCURRENCY processes on PORT
-    python scripts/platform.py worker   # Celery worker (+ beat scheduler unless WORKER_BEAT=0)
+    python scripts/platform.py worker   # Celery worker (+ beat unless WORKER_BEAT=0) + event-queue consumers
     python scripts/platform.py all      # migrate, then web + worker; Ctrl-C/SIGTERM stops both
 
 Database and Redis come from DATABASE_URL / REDIS_URL (`make` starts embedded
@@ -88,6 +88,23 @@ def worker_argv() -> list[str]:
     return argv
 
 
+def event_consumer_count() -> int:
+    """EVENT_BUS_WORKER_COUNT, from the environment or `.env` like the settings (default 2)."""
+    value = os.environ.get("EVENT_BUS_WORKER_COUNT")
+    if value is None and (REPO_ROOT / ".env").is_file():
+        import environ
+
+        environ.Env.read_env(REPO_ROOT / ".env", overwrite=False)
+        value = os.environ.get("EVENT_BUS_WORKER_COUNT")
+    return max(0, int(value or 2))
+
+
+def worker_commands() -> dict[str, list[str]]:
+    """The Celery worker plus EVENT_BUS_WORKER_COUNT event-queue consumer processes (one loop each)."""
+    consumer = [sys.executable, str(REPO_ROOT / "manage.py"), "run_event_consumers"]
+    return {"worker": worker_argv(), **{f"events-{n}": consumer for n in range(1, event_consumer_count() + 1)}}
+
+
 def _run_children(commands: dict[str, list[str]]) -> int:
     children = {name: subprocess.Popen(argv, cwd=REPO_ROOT) for name, argv in commands.items()}
     stopping = False
@@ -131,7 +148,7 @@ def main() -> int:
         _metrics_dir()
         os.execv(sys.executable, web_argv())
     if mode == "worker":
-        os.execv(sys.executable, worker_argv())
+        return _run_children(worker_commands())
     if mode != "all":
         print(__doc__, file=sys.stderr)
         return 2
@@ -146,7 +163,7 @@ def main() -> int:
         "  API token: python manage.py create_api_token <username>\n",
         flush=True,
     )
-    return _run_children({"web": web_argv(), "worker": worker_argv()})
+    return _run_children({"web": web_argv(), **worker_commands()})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ readers-versus-writers race across processes."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
 
 import pytest
 
@@ -61,14 +62,22 @@ def test_concurrent_updates_maintain_cache_consistency(api, device_id):
     assert all(read(api, device_id)["location"] == final for _ in range(10))
 
 
-def test_telemetry_style_update_is_visible(api, device_id, django_db_blocker):
-    """`last_seen`/`status` written by the telemetry path (one atomic UPDATE) show on the next read."""
-    from devices.services import device_mark_seen
+def test_telemetry_updates_last_seen_visible(api, device_id):
+    """Seed task 8: after a point is accepted, the next read shows `active` and `last_seen`."""
+    from datetime import datetime
 
     before = read(api, device_id)
     assert before["status"] == "registered" and before["last_seen"] is None
-    with django_db_blocker.unblock():
-        assert device_mark_seen(device_ids=[device_id]) == 1
+    accepted = api.post(
+        "/telemetry/point",
+        json={
+            "device_id": device_id,
+            "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(),
+            "metric": "temperature",
+            "value": 25.0,
+        },
+    )
+    assert accepted.status_code == 202, accepted.text
     after = read(api, device_id)
     assert after["status"] == "active"
     assert after["last_seen"] is not None

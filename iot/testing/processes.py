@@ -45,14 +45,20 @@ class ManagedProcess:
     process: subprocess.Popen
     log_path: Path
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (graceful), then SIGKILL for the whole process group: nothing is left behind."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                pass
+        # Children (uvicorn workers, Celery pool, consumers) share the session's group.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
 
     def kill(self) -> None:
         """Hard-kill the process and its children (a crash, for failure tests)."""

@@ -65,5 +65,26 @@ def test_fill_from_a_stale_read_is_refused_even_after_the_tombstone_expired(key)
 
 
 def test_tombstone_outlives_the_fill_window(key):
+    from django.conf import settings
+
     versioned_cache_invalidate(key=key, version=2)
-    assert get_redis().pttl(key) >= 60_000
+    # Longer than any fill may be late, so no late fill can find the tombstone gone.
+    assert get_redis().pttl(key) > 2 * settings.CACHE_FILL_MAX_AGE_MS
+
+
+def test_timed_cache_refuses_a_fill_whose_read_started_before_an_invalidation(key):
+    from iot.cache import timed_cache_fill, timed_cache_get, timed_cache_invalidate
+
+    early = timed_cache_get(key=key)  # a reader misses, then reads the (old) row
+    timed_cache_invalidate(key=key)  # meanwhile the row changed and committed
+    assert not timed_cache_fill(key=key, payload=b"old", lookup=early, ttl_seconds=60)
+    assert not timed_cache_get(key=key).hit
+    from iot.testing.processes import wait_until
+
+    # A reader that started after the change (a later millisecond than the invalidation) fills.
+    wait_until(
+        lambda: timed_cache_fill(key=key, payload=b"new", lookup=timed_cache_get(key=key), ttl_seconds=60),
+        timeout=5,
+        message="a fill from a read that began after the invalidation",
+    )
+    assert timed_cache_get(key=key).payload == b"new"

@@ -1,0 +1,408 @@
+"""A bounded, durable event queue on one Redis Stream, with backpressure built in.
+
+The old service queued events in an in-process `asyncio.Queue`: events vanished
+with the process, a full queue silently dropped them, and the backpressure check
+only logged. Here the queue is a Redis Stream read by a consumer group, so events
+survive any process, are shared by every consumer, and are bounded by refusal
+rather than by loss.
+
+**Depth** is the total `weight` of events published and not yet acknowledged
+(telemetry publishes one event per request weighted by its number of points, so
+depth counts points). It lives in a counter key that only Lua scripts change, in
+the same step as the stream itself, which keeps the invariant
+"depth == sum of the weights of the entries in the stream":
+
+* publish: refuse (`EventQueueFull`) if depth + weight > `EVENT_QUEUE_MAX_SIZE`,
+  else XADD and INCRBY. Nothing is ever trimmed from the stream (no MAXLEN):
+  the bound comes from refusing to publish, never from dropping work.
+* ack: XACK; only if it returned 1 (the entry was still pending) XDEL the entry
+  and DECRBY the weight read from the entry itself, so a duplicate or late ack
+  cannot change the count and acknowledged entries do not pile up.
+* dead-letter: the same, plus a copy of the entry (and why) appended to a
+  separate dead-letter stream capped with MAXLEN ~ (that one is a record for
+  operators, not work, so trimming it is fine).
+
+Consumers (`manage.py run_event_consumers`, one loop per process) read new
+entries with XREADGROUP, call the handler registered for the event type, and ack
+only after it returned; a handler exception leaves the entry pending. Every few
+seconds a consumer XAUTOCLAIMs entries idle longer than `EVENT_QUEUE_CLAIM_IDLE_MS`
+(a crashed consumer's, or ones whose handler failed) and runs them again. An
+entry delivered more than `EVENT_QUEUE_MAX_DELIVERIES` times, of an unknown type,
+or with a payload that does not parse, goes to the dead-letter stream. Delivery
+is at least once: handlers must be idempotent.
+
+**Admission** (`event_queue_admission`) is one GET of the counter: "critical" at
+`BACKPRESSURE_REJECT_THRESHOLD` (answer 503), "warning" at
+`BACKPRESSURE_QUEUE_THRESHOLD` (answer 429), else "ok".
+
+Keys (all under `REDIS_KEY_PREFIX`): `events:stream` (the work), `events:depth`
+(the counter), `events:dead` (dead letters); the consumer group is `GROUP`.
+"""
+
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+
+import orjson
+import redis
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import autodiscover_modules
+
+from iot.metrics import register_shared_gauge
+from iot.redis import get_redis, redis_key, register_script
+
+logger = logging.getLogger(__name__)
+
+GROUP = "iot-consumers"
+
+# Suggested Retry-After (seconds) for clients refused by backpressure.
+WARNING_RETRY_AFTER_SECONDS = 1
+CRITICAL_RETRY_AFTER_SECONDS = 5
+
+# KEYS: stream, depth; ARGV: max depth, weight, event type, payload
+# Returns {1, new depth} when stored, {0, current depth} when refused.
+_PUBLISH = register_script(
+    """
+local depth = tonumber(redis.call('GET', KEYS[2]) or '0')
+local weight = tonumber(ARGV[2])
+if depth + weight > tonumber(ARGV[1]) then return {0, depth} end
+redis.call('XADD', KEYS[1], '*', 't', ARGV[3], 'w', ARGV[2], 'p', ARGV[4])
+return {1, redis.call('INCRBY', KEYS[2], weight)}
+"""
+)
+
+# KEYS: stream, depth; ARGV: group, id...
+# Returns how many of the ids were still pending (and are now acknowledged and gone).
+_ACK = register_script(
+    """
+local done = 0
+for i = 2, #ARGV do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    done = done + 1
+    local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+    if #entry > 0 then
+      local f = entry[1][2]
+      local weight = 0
+      for j = 1, #f, 2 do
+        if f[j] == 'w' then weight = tonumber(f[j + 1]) or 0 end
+      end
+      redis.call('XDEL', KEYS[1], ARGV[i])
+      if weight ~= 0 then redis.call('DECRBY', KEYS[2], weight) end
+    end
+  end
+end
+return done
+"""
+)
+
+# KEYS: stream, depth, dead-letter stream; ARGV: group, id, reason, consumer, dead-letter max length
+# Returns 1 if the entry was still pending (and is now a dead letter), else 0.
+_DEAD_LETTER = register_script(
+    """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #entry == 0 then return 1 end
+local f = entry[1][2]
+local weight = 0
+for j = 1, #f, 2 do
+  if f[j] == 'w' then weight = tonumber(f[j + 1]) or 0 end
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*',
+  'id', ARGV[2], 'reason', ARGV[3], 'consumer', ARGV[4], unpack(f))
+redis.call('XDEL', KEYS[1], ARGV[2])
+if weight ~= 0 then redis.call('DECRBY', KEYS[2], weight) end
+return 1
+"""
+)
+
+
+class EventQueueFull(Exception):
+    """The queue holds `EVENT_QUEUE_MAX_SIZE` weight already; nothing was stored."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    state: str  # "ok" | "warning" | "critical"
+    depth: int
+    retry_after_seconds: int  # suggestion for 429/503 responses, >= 1 unless ok
+
+
+@dataclass(frozen=True)
+class ConsumeReport:
+    """What one consumer pass did (for logs and tests)."""
+
+    handled: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+    ids: tuple[str, ...] = ()  # the entries handled and acknowledged
+    next_id: str = "0-0"  # reclaim only: where the next XAUTOCLAIM scan continues
+
+
+def _stream_key() -> str:
+    return redis_key("events", "stream")
+
+
+def _depth_key() -> str:
+    return redis_key("events", "depth")
+
+
+def _dead_key() -> str:
+    return redis_key("events", "dead")
+
+
+def claim_idle_ms() -> int:
+    return int(getattr(settings, "EVENT_QUEUE_CLAIM_IDLE_MS", 30_000))
+
+
+def max_deliveries() -> int:
+    return int(getattr(settings, "EVENT_QUEUE_MAX_DELIVERIES", 5))
+
+
+def _dead_letter_max_len() -> int:
+    return int(getattr(settings, "EVENT_QUEUE_DEAD_LETTER_MAX_LEN", 10_000))
+
+
+# --- producers -----------------------------------------------------------------
+
+
+def event_queue_depth() -> int:
+    """Total weight published and not yet acknowledged (one GET)."""
+    value = get_redis().get(_depth_key())
+    return max(int(value), 0) if value is not None else 0
+
+
+def event_queue_admission() -> Admission:
+    """Backpressure state from the shared depth: one GET, no scan, no lock."""
+    depth = event_queue_depth()
+    if depth >= settings.BACKPRESSURE_REJECT_THRESHOLD:
+        return Admission(state="critical", depth=depth, retry_after_seconds=CRITICAL_RETRY_AFTER_SECONDS)
+    if depth >= settings.BACKPRESSURE_QUEUE_THRESHOLD:
+        return Admission(state="warning", depth=depth, retry_after_seconds=WARNING_RETRY_AFTER_SECONDS)
+    return Admission(state="ok", depth=depth, retry_after_seconds=0)
+
+
+def event_queue_publish(*, event_type: str, payload: dict, weight: int = 1) -> None:
+    """Append an event durably, or raise `EventQueueFull` (and store nothing)."""
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise ValueError(f"weight must be a positive integer, got {weight!r}")
+    if not event_type:
+        raise ValueError("event_type must not be empty")
+    stored, depth = _PUBLISH(
+        keys=[_stream_key(), _depth_key()],
+        args=[settings.EVENT_QUEUE_MAX_SIZE, weight, event_type, orjson.dumps(payload)],
+    )
+    if not stored:
+        raise EventQueueFull(
+            f"event queue full: depth {int(depth)} + weight {weight} > {settings.EVENT_QUEUE_MAX_SIZE}"
+        )
+
+
+# --- handlers ------------------------------------------------------------------
+
+EventHandler = Callable[[dict], None]
+_handlers: dict[str, EventHandler] = {}
+
+
+def _qualified(fn: Callable) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def event_handler(event_type: str) -> Callable[[EventHandler], EventHandler]:
+    """Register `fn(payload: dict) -> None` as the one handler for `event_type`."""
+
+    def register(fn: EventHandler) -> EventHandler:
+        existing = _handlers.get(event_type)
+        if existing is not None and _qualified(existing) != _qualified(fn):
+            raise ImproperlyConfigured(
+                f"event type {event_type!r} already handled by {_qualified(existing)}, not {_qualified(fn)}"
+            )
+        _handlers[event_type] = fn
+        return fn
+
+    return register
+
+
+def registered_event_types() -> list[str]:
+    return sorted(_handlers)
+
+
+# --- consumers -----------------------------------------------------------------
+
+
+def consumer_name() -> str:
+    """Unique per process: hostname-pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def ensure_consumer_group() -> None:
+    """Create the stream and group if missing; from id 0, so nothing published earlier is skipped."""
+    try:
+        get_redis().xgroup_create(_stream_key(), GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def event_queue_ack(*, ids: list[str]) -> int:
+    """Acknowledge and delete entries; returns how many were still pending (the rest were already acked)."""
+    if not ids:
+        return 0
+    return int(_ACK(keys=[_stream_key(), _depth_key()], args=[GROUP, *ids]))
+
+
+def _dead_letter(*, entry_id: str, reason: str, consumer: str) -> bool:
+    moved = _DEAD_LETTER(
+        keys=[_stream_key(), _depth_key(), _dead_key()],
+        args=[GROUP, entry_id, reason, consumer, _dead_letter_max_len()],
+    )
+    if moved:
+        logger.warning("event %s moved to the dead-letter stream: %s", entry_id, reason)
+    return bool(moved)
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _process(*, entries: list, consumer: str, deliveries: dict[str, int]) -> ConsumeReport:
+    """Dispatch each entry to its handler and ack it after the handler returned."""
+    handled = failed = dead = skipped = 0
+    ids: list[str] = []
+    limit = max_deliveries()
+    for raw_id, fields in entries:
+        if raw_id is None:  # Redis 6.2 XAUTOCLAIM reports an entry deleted under it as nil
+            skipped += 1
+            continue
+        entry_id = _decode(raw_id)
+        if entry_id not in deliveries:  # acknowledged by another consumer meanwhile
+            skipped += 1
+            continue
+        if deliveries[entry_id] > limit:
+            dead += _dead_letter(entry_id=entry_id, reason=f"delivered {deliveries[entry_id]} times", consumer=consumer)
+            continue
+        event_type = _decode(fields.get(b"t", b""))
+        handler = _handlers.get(event_type)
+        if handler is None:
+            dead += _dead_letter(entry_id=entry_id, reason=f"no handler for {event_type!r}", consumer=consumer)
+            continue
+        try:
+            payload = orjson.loads(fields.get(b"p", b""))
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict):
+            dead += _dead_letter(entry_id=entry_id, reason="payload is not a JSON object", consumer=consumer)
+            continue
+        try:
+            handler(payload)
+        except Exception:
+            logger.exception("handler for %s failed on event %s; it stays pending", event_type, entry_id)
+            failed += 1
+            continue
+        event_queue_ack(ids=[entry_id])
+        handled += 1
+        ids.append(entry_id)
+    return ConsumeReport(handled=handled, failed=failed, dead_lettered=dead, skipped=skipped, ids=tuple(ids))
+
+
+def event_queue_consume(*, consumer: str, count: int = 100, block_ms: int = 1000) -> ConsumeReport:
+    """Read up to `count` new entries (waiting at most `block_ms`) and process them."""
+    client = get_redis()
+    # A block longer than the client's socket timeout would surface as a TimeoutError.
+    block_ms = max(1, min(block_ms, int(settings.REDIS_SOCKET_TIMEOUT * 800)))
+    try:
+        response = client.xreadgroup(GROUP, consumer, {_stream_key(): ">"}, count=count, block=block_ms)
+    except redis.ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        ensure_consumer_group()  # the stream was deleted under us (e.g. a flush)
+        return ConsumeReport()
+    if not response:
+        return ConsumeReport()
+    entries = response[0][1]
+    # `>` only hands out entries never delivered before: this is their first delivery.
+    deliveries = {_decode(entry_id): 1 for entry_id, _ in entries}
+    return _process(entries=entries, consumer=consumer, deliveries=deliveries)
+
+
+def event_queue_reclaim(
+    *, consumer: str, min_idle_ms: int | None = None, count: int = 100, start_id: str = "0-0"
+) -> ConsumeReport:
+    """XAUTOCLAIM up to `count` entries pending longer than `min_idle_ms` (any consumer's) and process them.
+
+    `report.next_id` is the cursor to continue the scan from ("0-0" once the whole
+    pending list has been looked at).
+    """
+    client = get_redis()
+    idle = claim_idle_ms() if min_idle_ms is None else min_idle_ms
+    try:
+        response = client.xautoclaim(_stream_key(), GROUP, consumer, min_idle_time=idle, start_id=start_id, count=count)
+    except redis.ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        ensure_consumer_group()
+        return ConsumeReport()
+    next_id = _decode(response[0])
+    entries = response[1]
+    ids = [_decode(entry_id) for entry_id, _ in entries if entry_id is not None]
+    # XAUTOCLAIM counted this delivery; read each claimed entry's count (one round trip).
+    pipe = client.pipeline(transaction=False)
+    for entry_id in ids:
+        pipe.xpending_range(_stream_key(), GROUP, min=entry_id, max=entry_id, count=1, consumername=consumer)
+    deliveries = {_decode(rows[0]["message_id"]): int(rows[0]["times_delivered"]) for rows in pipe.execute() if rows}
+    report = _process(entries=entries, consumer=consumer, deliveries=deliveries)
+    return dataclasses.replace(report, next_id=next_id)
+
+
+def prune_idle_consumers(*, idle_ms: int = 3_600_000) -> int:
+    """Forget group consumers with nothing pending, idle for `idle_ms` (processes that are gone).
+
+    Each process joins the group under a new name, so without this the group's
+    consumer list would grow with every restart. Removing a live consumer with
+    nothing pending is harmless: its next read re-creates it.
+    """
+    client = get_redis()
+    try:
+        consumers = client.xinfo_consumers(_stream_key(), GROUP)
+    except redis.ResponseError:
+        return 0
+    removed = 0
+    for info in consumers:
+        if int(info.get("pending", 0)) == 0 and int(info.get("idle", 0)) > idle_ms:
+            client.xgroup_delconsumer(_stream_key(), GROUP, info["name"])
+            removed += 1
+    return removed
+
+
+def event_queue_dead_letters() -> int:
+    """Entries in the dead-letter stream (capped at about EVENT_QUEUE_DEAD_LETTER_MAX_LEN)."""
+    return int(get_redis().xlen(_dead_key()))
+
+
+def load_event_handlers(*, extra_modules: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Import every app's `events` module, plus `EVENT_HANDLER_MODULES` and `extra_modules`; return the types."""
+    autodiscover_modules("events")
+    for module in [*getattr(settings, "EVENT_HANDLER_MODULES", []), *extra_modules]:
+        import_module(module)
+    return registered_event_types()
+
+
+# --- metrics -------------------------------------------------------------------
+
+register_shared_gauge(
+    "iot_event_queue_depth",
+    "Weight (telemetry points) published to the event queue and not yet acknowledged.",
+    [],
+    lambda: {(): float(event_queue_depth())},
+)
+register_shared_gauge(
+    "iot_event_queue_dead_letters",
+    "Entries in the event queue's dead-letter stream (capped).",
+    [],
+    lambda: {(): float(event_queue_dead_letters())},
+)

@@ -1,0 +1,190 @@
+"""Exact telemetry rate limits: a per-device sliding window and a global per-second cap.
+
+The old service checked a counter and then incremented it in a second call, so
+concurrent requests all saw "under the limit" and all got in. Here one Lua script
+does the whole decision, so Redis runs it as a single step that nothing can
+interleave with:
+
+* **Per device**: at most `RATE_LIMIT_TELEMETRY_PER_DEVICE` points in any sliding
+  window of `RATE_LIMIT_WINDOW_SECONDS`. The window is a log: a ZSET whose members
+  are `"<points>:<request id>"` scored by the request's Redis time in
+  milliseconds, plus a running total in a second key. Each call first removes the
+  entries that left the window and subtracts their points from the total, so an
+  entry is added once and removed once: O(log n) amortised per request, however
+  large the limit or the batch (a batch of n is one entry, not n). The request id
+  comes from Python and keeps members unique.
+* **Global**: at most `RATE_LIMIT_GLOBAL_PER_SECOND` points per *fixed* one-second
+  window of Redis time (a hash `{s: second, c: count}`); a fixed window is enough
+  for a coarse overload guard and costs one key.
+
+Both limits are checked before either is written, then both are consumed, in the
+same script: all or nothing, a request the global limit refuses costs the device
+nothing and vice versa. The script reads the clock with `redis.call('TIME')`, so
+every web process agrees on one clock and no host's drift can widen a window.
+
+`retry_after_seconds` of a device refusal is the time until enough of the oldest
+entries expire for *this* request to fit (rounded up, at least 1); of a global
+refusal, 1 (the next second). A request with more points than the device limit
+can never fit: it is refused with scope "device" and `retry_after_seconds` equal
+to the window, and the telemetry endpoint answers it with 422, not 429.
+
+Every key gets a PEXPIRE of the window (plus a second) on each write, so devices
+that go quiet leave nothing behind.
+
+Why not the `limits` library (5.x, read before writing this): its Redis
+"moving window" timestamps requests with the web host's `time.time()`, not Redis'
+clock; it pushes one list element per unit of cost (a batch of n is O(n) and a
+device holds up to `limit` elements, unworkable when benchmarks raise limits to
+millions); its "sliding window counter" is an approximation, not exact; and each
+call consumes a single limit, so a device limit and the global limit cannot be
+taken together atomically.
+"""
+
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from iot.redis import redis_key, register_script
+
+# KEYS: device log (ZSET), device total (string), global counter (hash {s, c})
+# ARGV: points, device limit, window seconds, global limit, request id, consume (1/0)
+# Returns {allowed (1/0), remaining, retry_after_seconds, scope (0 none, 1 device, 2 global)}
+_CONSUME = register_script(
+    """
+local points = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local window_ms = tonumber(ARGV[3]) * 1000
+local global_limit = tonumber(ARGV[4])
+local consume = ARGV[6] == '1'
+
+local t = redis.call('TIME')
+local second = tonumber(t[1])
+local now = second * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function fmt(n) return string.format('%.0f', n) end
+local function entry_points(member) return tonumber(string.match(member, '^(%d+):')) end
+
+-- Forget entries that left the window, subtracting their points from the total.
+local total = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  total = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local cutoff = fmt(now - window_ms)
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+  if #expired > 0 then
+    for i = 1, #expired do total = total - entry_points(expired[i]) end
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+    if redis.call('EXISTS', KEYS[1]) == 0 then total = 0 end
+    if total == 0 then
+      redis.call('DEL', KEYS[2])
+    else
+      redis.call('SET', KEYS[2], total, 'KEEPTTL')
+    end
+  end
+end
+
+if points > limit then
+  return {0, math.max(limit - total, 0), math.floor(window_ms / 1000), 1}
+end
+
+if total + points > limit then
+  -- Walk the oldest entries until enough points would have expired for this request.
+  -- Every entry holds at least one point, so at most `need` entries are read.
+  local need = total + points - limit
+  local freed = 0
+  local retry_ms = window_ms
+  local start = 0
+  while freed < need do
+    local size = math.min(need - freed, 100)
+    local chunk = redis.call('ZRANGE', KEYS[1], start, start + size - 1, 'WITHSCORES')
+    if #chunk == 0 then break end
+    for i = 1, #chunk, 2 do
+      freed = freed + entry_points(chunk[i])
+      if freed >= need then
+        retry_ms = tonumber(chunk[i + 1]) + window_ms - now
+        break
+      end
+    end
+    start = start + size
+  end
+  return {0, limit - total, math.max(1, math.ceil(retry_ms / 1000)), 1}
+end
+
+local used = 0
+local g = redis.call('HMGET', KEYS[3], 's', 'c')
+if g[1] and tonumber(g[1]) == second then used = tonumber(g[2]) end
+if used + points > global_limit then
+  return {0, limit - total, 1, 2}
+end
+
+if not consume then
+  return {1, limit - total, 0, 0}
+end
+
+local ttl = fmt(window_ms + 1000)
+redis.call('ZADD', KEYS[1], fmt(now), ARGV[1] .. ':' .. ARGV[5])
+redis.call('SET', KEYS[2], total + points, 'PX', ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('HSET', KEYS[3], 's', second, 'c', used + points)
+redis.call('EXPIRE', KEYS[3], 2)
+return {1, limit - total - points, 0, 0}
+"""
+)
+
+_SCOPES = {0: "", 1: "device", 2: "global"}
+
+
+@dataclass(frozen=True)
+class RateLimitDecision:
+    """The outcome of one rate-limit check, with what the response headers need."""
+
+    allowed: bool
+    limit: int  # the per-device limit (for X-RateLimit-Limit)
+    remaining: int  # points the device may still send in the current window (after this request if allowed)
+    retry_after_seconds: int  # >= 1 when not allowed, 0 when allowed
+    scope: str  # "device" or "global": which limit refused it ("" when allowed)
+
+
+def _keys(device_id: str) -> list[str]:
+    return [
+        redis_key("ratelimit", "device", device_id, "log"),
+        redis_key("ratelimit", "device", device_id, "total"),
+        redis_key("ratelimit", "global"),
+    ]
+
+
+def _decide(*, device_id: str, points: int, consume: bool) -> RateLimitDecision:
+    limit = settings.RATE_LIMIT_TELEMETRY_PER_DEVICE
+    allowed, remaining, retry_after, scope = _CONSUME(
+        keys=_keys(device_id),
+        args=[
+            points,
+            limit,
+            settings.RATE_LIMIT_WINDOW_SECONDS,
+            settings.RATE_LIMIT_GLOBAL_PER_SECOND,
+            uuid.uuid4().hex,
+            1 if consume else 0,
+        ],
+    )
+    return RateLimitDecision(
+        allowed=bool(allowed),
+        limit=limit,
+        remaining=max(int(remaining), 0),
+        retry_after_seconds=int(retry_after),
+        scope=_SCOPES[int(scope)],
+    )
+
+
+def rate_limit_consume(*, device_id: str, points: int) -> RateLimitDecision:
+    """Take `points` from the device's window and the global second, both or neither.
+
+    `points` greater than the device limit is refused for good (scope "device",
+    retry after one window): the caller should answer 422, not 429.
+    """
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise ValueError(f"points must be a positive integer, got {points!r}")
+    return _decide(device_id=device_id, points=points, consume=True)
+
+
+def rate_limit_peek(*, device_id: str) -> RateLimitDecision:
+    """Would a one-point request be allowed now? Consumes nothing (headers, diagnostics)."""
+    return _decide(device_id=device_id, points=1, consume=False)

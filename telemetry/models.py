@@ -1,0 +1,46 @@
+from django.db import models
+
+# The parent table and its naming scheme; the DDL lives in migrations/0001 and services.py.
+TABLE = "telemetry_point"
+DEFAULT_PARTITION = f"{TABLE}_default"
+METRIC_MAX_LENGTH = 128
+
+
+class TelemetryPoint(models.Model):
+    """One measurement: `value` of `metric` on device `device_id` at time `ts`.
+
+    Stored in `telemetry_point`, a table *declaratively partitioned by day* on `ts`
+    (RANGE partitions `telemetry_point_pYYYYMMDD` plus a DEFAULT partition), so
+    retention drops whole partitions instead of deleting rows, and time-range
+    queries touch only the days they ask for. Django's schema editor cannot
+    express `PARTITION BY`, so the model is unmanaged: migration 0001 creates the
+    table with raw SQL and `services.telemetry_partitions_*` maintain the
+    partitions. The model mirrors the columns so the ORM can read (and the admin
+    list) points; writes go through `services.telemetry_points_ingest`, one
+    multi-row INSERT per request.
+
+    The one index, `(device_id, metric, ts DESC)`, serves "newest points of a
+    device/metric", "latest point" and time-range scans. There is deliberately no
+    uniqueness: two points with the same device, metric and timestamp are both
+    stored (clients that send `utcnow()` in a loop produce such duplicates and a
+    202 promises they were stored). `id` comes from an identity column and exists
+    only because the ORM needs a primary key; it is not indexed (nothing looks a
+    point up by id) and there is no foreign key to the device (the insert joins
+    `devices_device` instead, which costs nothing per row).
+    """
+
+    id = models.BigIntegerField(primary_key=True, editable=False)
+    device_id = models.UUIDField()
+    metric = models.CharField(max_length=METRIC_MAX_LENGTH)
+    ts = models.DateTimeField(help_text="When the device measured the value (UTC).")
+    value = models.FloatField()
+    received_at = models.DateTimeField(help_text="When the platform stored the point.")
+
+    class Meta:
+        managed = False
+        db_table = TABLE
+        ordering = ("-ts",)
+        verbose_name = "telemetry point"
+
+    def __str__(self) -> str:
+        return f"{self.device_id} {self.metric}@{self.ts.isoformat()}={self.value}"

@@ -1,0 +1,116 @@
+"""Partition maintenance against the real (test) database. Each test runs in a transaction that
+is rolled back, so the DDL it performs (create, attach, drop) leaves nothing behind."""
+
+from datetime import UTC, date, datetime, timedelta
+from datetime import timezone as dt_timezone
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from telemetry.models import DEFAULT_PARTITION, TABLE
+from telemetry.services import (
+    partition_name,
+    telemetry_partition_window,
+    telemetry_partitions_drop_expired,
+    telemetry_partitions_ensure,
+    telemetry_partitions_list,
+    telemetry_partitions_maintain,
+)
+from telemetry.tasks import telemetry_partitions_maintenance
+
+pytestmark = pytest.mark.django_db
+
+RETENTION_DAYS = settings.TELEMETRY_RETENTION_SECONDS // 86400
+
+
+def insert_point(ts: datetime) -> str:
+    """Insert one row directly and return the partition it landed in."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {TABLE} (device_id, metric, ts, value) VALUES (gen_random_uuid(), 'm', %s, 1) "
+            "RETURNING tableoid::regclass::text",
+            [ts],
+        )
+        return cursor.fetchone()[0]
+
+
+def rows_in(table: str) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM {table}")
+        return cursor.fetchone()[0]
+
+
+def test_migrate_created_the_whole_window():
+    """post_migrate ensured a partition for every day from the oldest retained one to the days ahead."""
+    window = telemetry_partition_window()
+    days = telemetry_partitions_list()
+    expected = {window.first + timedelta(days=n) for n in range((window.last - window.first).days + 1)}
+    assert expected <= set(days)
+    assert (window.last - window.first).days == RETENTION_DAYS + settings.TELEMETRY_PARTITION_PREMAKE_DAYS
+    assert telemetry_partitions_ensure() == []  # idempotent
+
+
+def test_points_land_in_their_day_partition():
+    now = timezone.now()
+    assert insert_point(now) == partition_name(now.date())
+    yesterday = now - timedelta(days=1)
+    assert insert_point(yesterday) == partition_name(yesterday.date())
+
+
+def test_ensure_moves_points_out_of_the_default_partition():
+    """A point for a day without a partition is kept in DEFAULT, and moved when its day gets one."""
+    later = timezone.now() + timedelta(days=settings.TELEMETRY_PARTITION_PREMAKE_DAYS + 3)
+    assert insert_point(later) == DEFAULT_PARTITION
+    before_default = rows_in(DEFAULT_PARTITION)
+
+    created = telemetry_partitions_ensure(now=later)
+    assert partition_name(later.date()) in created
+    assert rows_in(DEFAULT_PARTITION) == before_default - 1
+    assert rows_in(partition_name(later.date())) == 1
+    assert insert_point(later) == partition_name(later.date())
+
+
+def test_drop_expired_removes_whole_days_past_retention_only():
+    before = telemetry_partitions_list()
+    future = timezone.now() + timedelta(days=5)
+    cutoff = future - timedelta(seconds=settings.TELEMETRY_RETENTION_SECONDS)
+
+    dropped = telemetry_partitions_drop_expired(now=future)
+
+    def upper_bound(day: date) -> datetime:
+        return datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+
+    expected = sorted(name for day, name in before.items() if upper_bound(day) <= cutoff)
+    assert len(expected) >= 4  # five days' worth, give or take the time of day
+    assert sorted(dropped) == expected
+    remaining = telemetry_partitions_list()
+    assert all(upper_bound(day) > cutoff for day in remaining)
+    assert cutoff.date() in remaining  # the day the cutoff falls in still holds retained points
+
+
+def test_drop_expired_purges_old_rows_from_default():
+    # A row older than any partition (as if written before the partitions existed) sits in DEFAULT.
+    ancient = datetime(2000, 1, 1, tzinfo=UTC)
+    assert insert_point(ancient) == DEFAULT_PARTITION
+    telemetry_partitions_drop_expired()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM {DEFAULT_PARTITION} WHERE ts = %s", [ancient])
+        assert cursor.fetchone()[0] == 0
+
+
+def test_maintenance_task_runs_both_halves(settings):
+    settings.TELEMETRY_PARTITION_PREMAKE_DAYS = 10
+    result = telemetry_partitions_maintenance.apply().get()
+    today = timezone.now().date()
+    expected = {partition_name(today + timedelta(days=n)) for n in (8, 9, 10)}
+    assert expected <= set(result["created"])
+    assert telemetry_partitions_maintain().created == []
+
+
+def test_partition_days_are_utc_days():
+    assert partition_name(date(2024, 1, 31)) == "telemetry_point_p20240131"
+    evening_in_new_york = datetime(2024, 1, 31, 23, 30, tzinfo=dt_timezone(timedelta(hours=-5)))  # 04:30 UTC on Feb 1
+    window = telemetry_partition_window(now=evening_in_new_york)
+    assert window.last == date(2024, 2, 1) + timedelta(days=settings.TELEMETRY_PARTITION_PREMAKE_DAYS)

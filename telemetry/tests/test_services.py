@@ -1,0 +1,214 @@
+"""Ingestion service, selectors and event handler, in process against the test database and Redis."""
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+import redis
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from devices.models import Device
+from devices.services import device_register, device_update
+from iot.event_queue import EventQueueFull
+from iot.redis import get_redis
+from telemetry import events, selectors, services
+from telemetry.metrics import EVENTS_LOST
+from telemetry.models import TelemetryPoint
+from telemetry.redis_keys import device_messages_key, live_group_name, messages_per_second_key, messages_total_key
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def device() -> Device:
+    return device_register(
+        serial_number=f"SN-SVC-{uuid.uuid4().hex}", device_type="sensor", firmware_version="1"
+    ).device
+
+
+def columns(device_id, points: list[tuple[str, datetime, float]]) -> services.PointColumns:
+    return services.PointColumns(
+        device_id=device_id,
+        metrics=[p[0] for p in points],
+        timestamps=[p[1] for p in points],
+        values=[p[2] for p in points],
+    )
+
+
+def recent(minutes: float) -> datetime:
+    return datetime.now(UTC) - timedelta(minutes=minutes)
+
+
+@pytest.fixture
+def published(monkeypatch):
+    sent = []
+    monkeypatch.setattr(services, "event_queue_publish", lambda **kwargs: sent.append(kwargs))
+    return sent
+
+
+def test_ingest_stores_marks_seen_and_publishes_after_commit(device, published):
+    batch = columns(device.pk, [("t", recent(2), 1.0), ("t", recent(1), 2.0), ("h", recent(1), 3.0)])
+    result = services.telemetry_points_ingest(batch=batch)
+    assert result.count == 3 and result.event_published
+    assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 3
+    device.refresh_from_db()
+    assert device.status == "active" and device.last_seen is not None
+
+    (event,) = published
+    assert event["event_type"] == "telemetry.points" and event["weight"] == 3
+    payload = orjson.loads(orjson.dumps(event["payload"]))  # what the consumer gets
+    assert payload["device_id"] == str(device.pk)
+    assert payload["metrics"] == ["t", "t", "h"] and payload["values"] == [1.0, 2.0, 3.0]
+    assert [datetime.fromisoformat(ts) for ts in payload["timestamps"]] == batch.timestamps
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"), [(EventQueueFull("full"), "queue_full"), (redis.ConnectionError("down"), "redis_error")]
+)
+def test_failed_publish_after_commit_keeps_the_points(device, monkeypatch, failure, reason):
+    def publish(**kwargs):
+        raise failure
+
+    monkeypatch.setattr(services, "event_queue_publish", publish)
+    lost = EVENTS_LOST.labels(reason=reason)
+    before = lost._value.get()
+    result = services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
+    assert not result.event_published
+    assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 1
+    assert lost._value.get() == before + 1
+
+
+def test_unknown_device_stores_nothing(published):
+    unknown = uuid.uuid4()
+    with pytest.raises(services.TelemetryUnknownDevice):
+        services.telemetry_points_ingest(batch=columns(unknown, [("t", recent(1), 1.0)]))
+    assert not TelemetryPoint.objects.filter(device_id=unknown).exists()
+    assert published == []
+
+
+def test_decommissioned_device_stores_nothing(device, published):
+    device_update(device_id=device.pk, changes={"status": "decommissioned"})
+    with pytest.raises(services.TelemetryDeviceDecommissioned):
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
+    assert not TelemetryPoint.objects.filter(device_id=device.pk).exists()
+
+
+def test_rate_limit_refusal_stores_nothing(device, published, settings):
+    settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 2
+    services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0), ("t", recent(1), 2.0)]))
+    with pytest.raises(services.TelemetryRateLimited) as refused:
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 3.0)]))
+    assert refused.value.decision.scope == "device"
+    with pytest.raises(services.TelemetryBatchOverLimit):
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 3))
+    assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 2
+    assert len(published) == 1
+
+
+def test_backpressure_refusal_comes_first(device, published, monkeypatch):
+    from iot.event_queue import Admission
+
+    monkeypatch.setattr(services, "event_queue_admission", lambda: Admission("critical", 9_600, 5))
+    with pytest.raises(services.TelemetryBackpressure) as refused:
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
+    assert refused.value.admission.state == "critical"
+    assert not TelemetryPoint.objects.filter(device_id=device.pk).exists()
+
+
+def test_query_newest_first_across_metrics_and_windows(device, published):
+    points = [(metric, recent(60 - i), float(i)) for i in range(30) for metric in ("a", "b", "c")]
+    services.telemetry_points_ingest(batch=columns(device.pk, points))
+
+    newest = selectors.telemetry_points_query(device_id=device.pk, limit=4)
+    assert [p.value for p in newest] == [29.0, 29.0, 29.0, 28.0]
+    assert [p.ts for p in newest] == sorted((p.ts for p in newest), reverse=True)
+
+    only_b = selectors.telemetry_points_query(device_id=device.pk, metric="b", limit=2)
+    assert [(p.metric, p.value) for p in only_b] == [("b", 29.0), ("b", 28.0)]
+
+    window = selectors.telemetry_points_query(
+        device_id=device.pk, start_time=recent(60 - 10.5), end_time=recent(60 - 12.5), limit=100
+    )
+    assert sorted(p.value for p in window) == [11.0] * 3 + [12.0] * 3
+    windowed_metric = selectors.telemetry_points_query(
+        device_id=device.pk, metric="c", start_time=recent(60 - 10.5), end_time=recent(60 - 12.5)
+    )
+    assert [p.value for p in windowed_metric] == [12.0, 11.0]
+
+    latest = selectors.telemetry_points_latest(device_id=device.pk, metric="a")
+    assert latest.value == 29.0
+    assert selectors.telemetry_points_latest(device_id=device.pk, metric="zzz") is None
+    assert selectors.telemetry_points_query(device_id=uuid.uuid4()) == []
+
+
+def _event(device_id: str, n: int, received_at: datetime) -> dict:
+    return {
+        "event_id": uuid.uuid4().hex,
+        "device_id": device_id,
+        "received_at": received_at.isoformat(),
+        "metrics": ["t"] * n,
+        "timestamps": [received_at.isoformat()] * n,
+        "values": [float(i) for i in range(n)],
+    }
+
+
+def test_event_handler_counts_points_in_bounded_keys():
+    device_id = str(uuid.uuid4())
+    received = datetime.now(UTC)
+    client = get_redis()
+    total_before = selectors.telemetry_messages_total()
+
+    events.telemetry_points_received(_event(device_id, 3, received))
+    events.telemetry_points_received(_event(device_id, 2, received))
+
+    assert selectors.telemetry_messages_total() == total_before + 5
+    silent = str(uuid.uuid4())
+    assert selectors.telemetry_device_message_counts(device_ids=[device_id, silent]) == {device_id: 5, silent: 0}
+    assert int(client.hget(device_messages_key(), device_id)) == 5
+    second_key = messages_per_second_key(int(received.timestamp()))
+    assert int(client.get(second_key)) >= 5
+    assert 0 < client.ttl(second_key) <= 300
+    assert client.type(messages_total_key()) == b"string"
+
+
+def test_messages_per_second_averages_the_last_complete_seconds():
+    client = get_redis()
+    now = int(datetime.now(UTC).timestamp())
+    keys = [messages_per_second_key(now - offset) for offset in range(1, 11)]
+    client.delete(*keys)
+    for key in keys[:4]:
+        client.set(key, 25, ex=60)
+    assert selectors.telemetry_messages_per_second(window_seconds=10) in (10.0, 7.5)  # a second may tick over
+
+
+def test_event_handler_pushes_to_the_live_group():
+    device_id = str(uuid.uuid4())
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(live_group_name(device_id), channel)
+    try:
+        event = _event(device_id, 2, datetime.now(UTC))
+        events.telemetry_points_received(event)
+        message = async_to_sync(layer.receive)(channel)
+    finally:
+        async_to_sync(layer.group_discard)(live_group_name(device_id), channel)
+    assert message["type"] == "telemetry.points"
+    assert message["event_id"] == event["event_id"]
+    assert [p["value"] for p in message["points"]] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},
+        {**_event("x", 1, datetime.now(UTC)), "metrics": []},
+        {**_event("x", 2, datetime.now(UTC)), "values": [1.0]},
+        {**_event("x", 1, datetime.now(UTC)), "received_at": "yesterday"},
+        {**_event("x", 1, datetime.now(UTC)), "timestamps": "many"},
+    ],
+)
+def test_malformed_events_raise_for_the_dead_letter_stream(payload):
+    with pytest.raises(ValueError, match="malformed"):
+        events.telemetry_points_received(payload)

@@ -34,14 +34,16 @@ def device_token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+_COLUMNS = [field.column for field in Device._meta.concrete_fields]
+_COLUMNS_ATTNAMES = [field.attname for field in Device._meta.concrete_fields]
 _INSERT_SQL = """
 INSERT INTO devices_device
     (id, serial_number, device_type, firmware_version, status, location, group_id,
      metadata, registered_at, updated_at, version, token_hash)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s)
 ON CONFLICT (serial_number) DO NOTHING
-RETURNING id
-"""
+RETURNING {columns}
+""".format(columns=", ".join(_COLUMNS))
 
 
 def device_register(
@@ -79,7 +81,13 @@ def device_register(
         )
         inserted = cursor.fetchone()
     if inserted is not None:
-        return DeviceRegistration(device=Device.objects.get(pk=inserted[0]), created=True, device_token=token)
+        # RETURNING gave us the whole row: no second query.
+        values = [
+            field.from_db_value(value, None, connection) if hasattr(field, "from_db_value") else value
+            for field, value in zip(Device._meta.concrete_fields, inserted, strict=True)
+        ]
+        device = Device.from_db(connection.alias, _COLUMNS_ATTNAMES, values)
+        return DeviceRegistration(device=device, created=True, device_token=token)
     # READ COMMITTED: this statement sees the row the conflicting transaction committed.
     return DeviceRegistration(device=Device.objects.get(serial_number=serial_number), created=False, device_token=None)
 

@@ -41,7 +41,7 @@ format: $(STAMP)
 
 ## bench: the speed targets (figures are printed)
 bench: $(STAMP)
-	$(SERVICES) --instance bench run -- $(BIN)/python bench/registration.py
+	$(SERVICES) --instance bench run -- sh -c '$(BIN)/python bench/registration.py && $(BIN)/python bench/ingest.py' 
 
 clean-var:
 	rm -rf var/

@@ -67,6 +67,18 @@ def web_argv() -> list[str]:
     ]
 
 
+def _beat_schedule_prefix() -> Path:
+    # Per process, so concurrent platforms (tests, benches) never share the shelve file;
+    # removed again when this runner exits (see _run_children).
+    return VAR / "celerybeat" / f"schedule-{os.getpid()}"
+
+
+def _remove_beat_schedule() -> None:
+    prefix = _beat_schedule_prefix()
+    for path in prefix.parent.glob(f"{prefix.name}*"):
+        path.unlink(missing_ok=True)
+
+
 def worker_argv() -> list[str]:
     argv = [
         sys.executable,
@@ -83,8 +95,8 @@ def worker_argv() -> list[str]:
         f"worker-{os.getpid()}@%h",
     ]
     if os.environ.get("WORKER_BEAT", "1") == "1":
-        VAR.mkdir(parents=True, exist_ok=True)
-        argv += ["--beat", "--schedule", str(VAR / f"celerybeat-schedule-{os.getpid()}")]
+        _beat_schedule_prefix().parent.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", str(_beat_schedule_prefix())]
     return argv
 
 
@@ -133,6 +145,7 @@ def _run_children(commands: dict[str, list[str]]) -> int:
             child.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
+    _remove_beat_schedule()
     return exit_code
 
 

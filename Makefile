@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SERVICES := $(BIN)/python scripts/devservices.py
 
-.PHONY: run web worker test lint format bench clean-var
+.PHONY: run web worker manage test lint format bench clean-var
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ web: $(STAMP)
 ## worker: Celery worker + beat + event-queue consumers
 worker: $(STAMP)
 	$(SERVICES) --instance dev run -- $(BIN)/python scripts/platform.py worker
+
+## manage: any manage.py command against the same servers, e.g. make manage ARGS="create_api_token alice"
+manage: $(STAMP)
+	@$(SERVICES) --instance dev run -- $(BIN)/python scripts/platform.py manage $(ARGS)
 
 ## test: the whole suite on real Postgres and Redis (PYTEST_ARGS to narrow it)
 test: $(STAMP)

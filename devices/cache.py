@@ -3,10 +3,9 @@
 Built on the version-guarded cache in `iot.cache`; the `version` column is the guard.
 """
 
-import json
 from uuid import UUID
 
-from django.core.serializers.json import DjangoJSONEncoder
+import orjson
 from django.db import connection, transaction
 
 from devices.models import Device
@@ -22,11 +21,13 @@ def device_cache_key(device_id: UUID | str) -> str:
 
 
 def device_to_cache(device: Device) -> bytes:
-    return json.dumps({f.attname: getattr(device, f.attname) for f in _CACHED_FIELDS}, cls=DjangoJSONEncoder).encode()
+    # orjson keeps datetimes to the microsecond (DjangoJSONEncoder would cut them to
+    # milliseconds, so a cached read would differ from an uncached one).
+    return orjson.dumps({f.attname: getattr(device, f.attname) for f in _CACHED_FIELDS})
 
 
 def device_from_cache(payload: bytes) -> Device:
-    raw = json.loads(payload)
+    raw = orjson.loads(payload)
     device = Device(**{f.attname: f.to_python(raw[f.attname]) for f in _CACHED_FIELDS})
     device._state.adding = False
     return device

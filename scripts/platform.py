@@ -4,6 +4,7 @@
     python scripts/platform.py web      # ASGI server, WEB_CONCURRENCY processes on PORT
     python scripts/platform.py worker   # Celery worker (+ beat unless WORKER_BEAT=0) + event-queue consumers
     python scripts/platform.py all      # migrate, then web + worker; Ctrl-C/SIGTERM stops both
+    python scripts/platform.py manage ARGS...   # manage.py with the same environment (make manage)
 
 Database and Redis come from DATABASE_URL / REDIS_URL (`make` starts embedded
 servers when they are unset, see scripts/devservices.py).
@@ -160,6 +161,8 @@ def main() -> int:
     if mode == "web":
         _metrics_dir()
         os.execv(sys.executable, web_argv())
+    if mode == "manage":
+        os.execv(sys.executable, [sys.executable, str(REPO_ROOT / "manage.py"), *sys.argv[2:]])
     if mode == "worker":
         return _run_children(worker_commands())
     if mode != "all":
@@ -173,7 +176,7 @@ def main() -> int:
         f"\n  Platform starting on http://127.0.0.1:{port}\n"
         f"  Admin:    http://127.0.0.1:{port}/admin/\n"
         f"  API docs: http://127.0.0.1:{port}/api/docs\n"
-        "  API token: python manage.py create_api_token <username>\n",
+        '  API token: make manage ARGS="create_api_token <username>"\n',
         flush=True,
     )
     return _run_children({"web": web_argv(), **worker_commands()})

@@ -120,3 +120,12 @@ def test_registration_returns_working_device_token(api, anonymous, unique_id):
     assert response.status_code == 403
     response = anonymous.get(f"/devices/{created['id']}", headers={"Authorization": "Device wrong"})
     assert response.status_code == 401
+
+
+def test_reads_return_exactly_what_registration_returned(api, unique_id):
+    created = register(api, f"SN-SAME-{unique_id}", metadata={"fw": {"channel": "beta"}}).json()
+    created.pop("device_token")
+    first_read = api.get(f"/devices/{created['id']}").json()  # from Postgres, fills the cache
+    second_read = api.get(f"/devices/{created['id']}").json()  # from the cache
+    assert first_read == created
+    assert second_read == created

@@ -76,3 +76,14 @@ def test_bulk_update_changes_all_and_invalidates():
         device_get(device_id=device.pk)
     assert device_bulk_update(device_ids=[d.pk for d in devices], changes={"group_id": "g-1"}) == 3
     assert {device_get(device_id=d.pk).group_id for d in devices} == {"g-1"}
+
+
+def test_cached_read_equals_uncached_read_to_the_microsecond():
+    device = new_device(metadata={"nested": {"k": [1, 2.5, None]}}).device
+    device_mark_seen(device_ids=[device.pk])
+    uncached = device_get(device_id=device.pk)  # miss: from Postgres, fills the cache
+    cached = device_get(device_id=device.pk)  # hit
+    assert versioned_cache_get(key=device_cache_key(device.pk)).hit
+    for field in Device._meta.concrete_fields:
+        if field.attname != "token_hash":
+            assert getattr(cached, field.attname) == getattr(uncached, field.attname), field.attname

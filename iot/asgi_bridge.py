@@ -7,8 +7,9 @@ the WSGI handler. asgiref's `WsgiToAsgi` does that single hop, but with
 `thread_sensitive=True`, i.e. on ONE shared thread per process, so a request
 waiting on Postgres (an idempotency key in flight, a lock) would stall every
 other request of that process. This bridge runs each request on the event
-loop's default executor instead (`WEB_THREADS` threads), and refuses bodies
-over `MAX_REQUEST_BODY_BYTES` with 413 before buffering them.
+loop's default executor instead (`WEB_THREADS` threads), buffers the response
+so the thread hands it back in one step, and refuses bodies over
+`MAX_REQUEST_BODY_BYTES` with 413 before buffering them.
 
 WebSockets stay on Channels (see `iot.asgi`); only `http` scopes come here.
 """
@@ -20,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from asgiref.sync import sync_to_async
 from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
 
-_run_in_thread = WsgiToAsgiInstance.__dict__["run_wsgi_app"].func
-
 
 class _PooledInstance(WsgiToAsgiInstance):
     max_body_bytes: int = 0
@@ -31,10 +30,36 @@ class _PooledInstance(WsgiToAsgiInstance):
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await _reply(send, 413, b'{"detail": "Request body too large."}')
             return
+        self._send = send
         await super().__call__(scope, receive, send)
 
     async def run_wsgi_app(self, body):
-        await sync_to_async(_run_in_thread, thread_sensitive=False)(self, body)
+        status, headers, content = await sync_to_async(self._run_buffered, thread_sensitive=False)(body)
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": content})
+
+    def _run_buffered(self, body) -> tuple[int, list, bytes]:
+        """Run the WSGI app to completion on this pool thread and hand back the whole response.
+
+        One hop back to the event loop per request instead of one per response
+        message (the API sends small JSON bodies; nothing here streams), and the
+        app's `close()` (Django's request_finished: the DB connection goes back
+        to the pool) runs on the same thread as the request.
+        """
+        try:
+            environ = self.build_environ(self.scope, body)
+        except ValueError:  # too many duplicate headers
+            return 400, [(b"content-type", b"application/json")], b'{"detail": "Too many duplicate headers."}'
+        chunks: list[bytes] = []
+        result = self.wsgi_application(environ, self.start_response)
+        try:
+            chunks.extend(chunk for chunk in result if chunk)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        start = self.response_start
+        return start["status"], start["headers"], b"".join(chunks)
 
 
 async def _reply(send, status: int, body: bytes) -> None:

@@ -8,13 +8,12 @@ over HTTP with `api` (an operator token) exactly as clients do.
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 from django.conf import settings
 from django.db import connection
 
 from iot.redis import get_redis
-from iot.testing.processes import Platform, database_url, platform_env, start_web, start_worker
+from iot.testing.processes import Platform, database_url, http_client, platform_env, start_web, start_worker
 
 
 @pytest.hookimpl(trylast=True)
@@ -77,18 +76,13 @@ def operator_token(django_db_setup, django_db_blocker) -> str:
 @pytest.fixture(scope="session")
 def api(platform, operator_token):
     """An HTTP client for the live platform, authenticated as an operator."""
-    with httpx.Client(
-        base_url=platform.base_url,
-        headers={"Authorization": f"Token {operator_token}"},
-        timeout=30.0,
-        limits=httpx.Limits(max_connections=250, max_keepalive_connections=250),
-    ) as client:
+    with http_client(platform, operator_token) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
 def anonymous(platform):
-    with httpx.Client(base_url=platform.base_url, timeout=30.0) as client:
+    with http_client(platform) as client:
         yield client
 
 

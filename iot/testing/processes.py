@@ -160,3 +160,16 @@ def psycopg_conninfo(settings_dict: dict) -> dict:
     """Keyword arguments for `psycopg.connect` to the database Django is configured for."""
     keys = {"HOST": "host", "PORT": "port", "USER": "user", "PASSWORD": "password", "NAME": "dbname"}
     return {arg: settings_dict[key] for key, arg in keys.items() if settings_dict.get(key)}
+
+
+def http_client(platform: Platform, token: str | None = None, *, timeout: float = 60.0) -> httpx.Client:
+    """A keep-alive client for a running platform, authenticated with an operator token if given.
+
+    The pool is sized for the concurrency tests (up to a few hundred simultaneous requests).
+    """
+    return httpx.Client(
+        base_url=platform.base_url,
+        headers={"Authorization": f"Token {token}"} if token else {},
+        timeout=timeout,
+        limits=httpx.Limits(max_connections=250, max_keepalive_connections=250),
+    )

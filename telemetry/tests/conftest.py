@@ -19,7 +19,7 @@ from django.db import connection
 from prometheus_client.parser import text_string_to_metric_families
 
 from iot.redis import get_redis
-from iot.testing.processes import Platform, database_url, platform_env, start_web, start_worker
+from iot.testing.processes import Platform, database_url, http_client, platform_env, start_web, start_worker
 
 
 def now_iso(offset_seconds: float = 0.0) -> str:
@@ -107,12 +107,7 @@ def dedicated_platform(
 
 @contextmanager
 def client_for(running: Platform, token: str) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=running.base_url,
-        headers={"Authorization": f"Token {token}"},
-        timeout=60.0,
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=200),
-    ) as client:
+    with http_client(running, token) as client:
         yield client
 
 

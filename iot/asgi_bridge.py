@@ -17,6 +17,7 @@ WebSockets stay on Channels (see `iot.asgi`); only `http` scopes come here.
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
+from tempfile import SpooledTemporaryFile
 
 from asgiref.sync import sync_to_async
 from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
@@ -30,8 +31,25 @@ class _PooledInstance(WsgiToAsgiInstance):
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await _reply(send, 413, b'{"detail": "Request body too large."}')
             return
+        self.scope = scope
         self._send = send
-        await super().__call__(scope, receive, send)
+        # Read the body ourselves so a chunked body (no Content-Length) is bounded too.
+        with SpooledTemporaryFile(max_size=65536) as body:
+            received = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away before sending its body
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > self.max_body_bytes:
+                    await _reply(send, 413, b'{"detail": "Request body too large."}')
+                    return
+                body.write(chunk)
+                if not message.get("more_body"):
+                    break
+            body.seek(0)
+            await self.run_wsgi_app(body)
 
     async def run_wsgi_app(self, body):
         status, headers, content = await sync_to_async(self._run_buffered, thread_sensitive=False)(body)

@@ -49,3 +49,12 @@ def test_admin_login_page_and_static_files_are_served(anonymous):
 def test_oversized_body_is_413_before_it_is_read(api):
     response = api.post("/devices", content=b"x" * (5 * 1024 * 1024), headers={"Content-Type": "application/json"})
     assert response.status_code == 413
+
+
+def test_oversized_chunked_body_without_length_is_413(api):
+    def chunks():
+        for _ in range(6):
+            yield b"x" * (1024 * 1024)
+
+    response = api.post("/devices", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413

@@ -16,7 +16,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import psycopg.errors
@@ -105,7 +104,3 @@ def idempotency_keys_delete_expired(*, now=None, batch_size: int = 5000) -> int:
             return deleted_total
         deleted, _ = IdempotencyKey.objects.filter(pk__in=ids, expires_at__lte=now).delete()
         deleted_total += deleted
-
-
-def idempotency_key_ttl() -> timedelta:
-    return timedelta(seconds=settings.IDEMPOTENCY_KEY_TTL_SECONDS)

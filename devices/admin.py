@@ -3,7 +3,7 @@ from django.contrib import admin, messages
 from django.shortcuts import render
 
 from devices.models import Device, DeviceStatus
-from devices.services import device_bulk_update, device_update
+from devices.services import device_bulk_delete, device_bulk_update, device_delete, device_update
 
 
 class AssignGroupForm(forms.Form):
@@ -44,6 +44,18 @@ class DeviceAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         # Devices register themselves through the API (which issues their credential).
         return False
+
+    # Deleting goes through the service, which makes every process forget the device at
+    # once; the ORM's delete would leave it in the read cache (readable, and its credential
+    # accepted) until the entry expired. `delete_queryset` is what "Delete selected" calls.
+    def delete_model(self, request, obj):
+        try:
+            device_delete(device_id=obj.pk)
+        except Device.DoesNotExist:
+            pass  # deleted meanwhile (another admin, a double submit): the outcome asked for
+
+    def delete_queryset(self, request, queryset):
+        device_bulk_delete(device_ids=list(queryset.values_list("pk", flat=True)))
 
     def save_model(self, request, obj, form, change):
         changes = {name: form.cleaned_data[name] for name in form.changed_data if name in form.cleaned_data}

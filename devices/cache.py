@@ -20,6 +20,11 @@ def device_cache_key(device_id: UUID | str) -> str:
     return redis_key("cache", "device", device_id)
 
 
+def device_token_cache_key(token_hash: str) -> str:
+    """Credential hash -> device id (see `devices.selectors.device_get_by_token_hash`)."""
+    return redis_key("cache", "device-token", token_hash)
+
+
 def device_to_cache(device: Device) -> bytes:
     # orjson keeps datetimes to the microsecond (DjangoJSONEncoder would cut them to
     # milliseconds, so a cached read would differ from an uncached one).

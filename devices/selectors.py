@@ -5,10 +5,10 @@ import uuid
 from django.conf import settings
 from django.db.models import QuerySet
 
-from devices.cache import device_cache_key, device_from_cache, device_to_cache
+from devices.cache import device_cache_key, device_from_cache, device_to_cache, device_token_cache_key
 from devices.models import Device
 from iot.cache import versioned_cache_fill, versioned_cache_get
-from iot.redis import get_redis, redis_key
+from iot.redis import get_redis
 
 
 def device_get(*, device_id: uuid.UUID) -> Device | None:
@@ -26,7 +26,7 @@ def device_get(*, device_id: uuid.UUID) -> Device | None:
             key=key,
             version=device.version,
             payload=device_to_cache(device),
-            read_started_ms=lookup.read_started_ms,
+            lookup=lookup,
             ttl_seconds=settings.DEVICE_CACHE_TTL_SECONDS,
         )
     return device
@@ -43,14 +43,15 @@ def device_list(*, group_id: str | None = None, status: str | None = None) -> Qu
 
 # A credential belongs to one device for good (tokens are never reassigned), so
 # the token -> device id mapping can be cached without invalidation; the
-# device's state (decommissioned?) still comes from the version-guarded cache.
+# device's state (decommissioned? deleted?) still comes from the version-guarded
+# cache, so a mapping that outlives its device resolves to nothing.
 DEVICE_TOKEN_CACHE_TTL_SECONDS = 3600
 
 
 def device_get_by_token_hash(*, token_hash: str) -> Device | None:
     """The device a credential belongs to (two Redis reads on the hot path, no SQL)."""
     client = get_redis()
-    key = redis_key("cache", "device-token", token_hash)
+    key = device_token_cache_key(token_hash)
     cached_id = client.get(key)
     if cached_id is not None:
         return device_get(device_id=uuid.UUID(cached_id.decode()))

@@ -2,8 +2,10 @@
 
 No check-then-act anywhere: registration is one `INSERT ... ON CONFLICT DO
 NOTHING`, updates are one `UPDATE` of only the columns they change (plus the
-cache `version`), so concurrent callers in any number of processes can never
-create a duplicate device or overwrite each other's fields.
+cache `version`), deletion is one `DELETE ... RETURNING`, so concurrent callers
+in any number of processes can never create a duplicate device or overwrite each
+other's fields. Every write that changes what a read returns tombstones the
+device's cache entry inside its transaction and again after commit.
 """
 
 import hashlib
@@ -16,8 +18,9 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from devices.cache import device_cache_invalidate
+from devices.cache import device_cache_invalidate, device_token_cache_key
 from devices.models import Device, DeviceStatus
+from iot.redis import get_redis
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,50 @@ def device_bulk_update(*, device_ids: list[uuid.UUID], changes: dict[str, Any]) 
     for device_id, version in rows:
         device_cache_invalidate(device_id=device_id, version=version)
     return len(rows)
+
+
+_DELETE_SQL = "DELETE FROM devices_device WHERE id = ANY(%s) RETURNING id, version, token_hash"
+
+
+@transaction.atomic
+def device_bulk_delete(*, device_ids: list[uuid.UUID]) -> int:
+    """Delete devices; from the commit on, no process reads or authenticates them. Returns how many.
+
+    Without this, a deleted device stayed in the read cache: `GET /devices/{id}`
+    answered `200` and its credential authenticated until the entry's TTL
+    (`DEVICE_CACHE_TTL_SECONDS`) ran out.
+
+    One `DELETE ... RETURNING` (it waits for a concurrent update of a row, then
+    returns its final version), then a tombstone at that version + 1, inside the
+    transaction and again after commit (`device_cache_invalidate`). Every fill
+    comes from a read of a committed row; before the commit that row is at most
+    the returned version (the DELETE holds its lock), after it there is no row to
+    read. So no fill of any version can land, whoever read when; an `update`-style
+    tombstone at the row's own version would still admit a reader's fill of it.
+
+    The credential -> device id mapping (`device_token_cache_key`) needs no
+    tombstone: a mapping to a deleted id resolves to no device. It is dropped after
+    commit to free the memory, not for correctness.
+
+    Telemetry points reference a device by id without a foreign key (a partitioned
+    table): they stay, unreachable through the device, until retention drops their
+    partition; ingestion already refuses points for an id with no device row.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_DELETE_SQL, [list(device_ids)])
+        rows = cursor.fetchall()
+    for device_id, version, _ in rows:
+        device_cache_invalidate(device_id=device_id, version=version + 1)
+    token_keys = [device_token_cache_key(token_hash) for _, _, token_hash in rows]
+    if token_keys:
+        transaction.on_commit(lambda: get_redis().delete(*token_keys), robust=True)
+    return len(rows)
+
+
+def device_delete(*, device_id: uuid.UUID) -> None:
+    """Delete one device (see `device_bulk_delete`). Raises `Device.DoesNotExist` for an unknown id."""
+    if not device_bulk_delete(device_ids=[device_id]):
+        raise Device.DoesNotExist(device_id)
 
 
 # Telemetry touches `last_seen` at most this often per device, so a device

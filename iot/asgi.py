@@ -14,6 +14,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import StaticFilesHandler  # noqa: E402
 
 from iot.asgi_bridge import pooled_http_application  # noqa: E402
+from iot.health import redis_policy_warn  # noqa: E402
 from iot.websocket import WebSocketAuthMiddleware, websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -22,3 +23,6 @@ application = ProtocolTypeRouter(
         "websocket": WebSocketAuthMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )
+
+# Loud in the log of every web process if Redis may evict keys (see iot.health).
+redis_policy_warn(process=f"web {os.getpid()}")

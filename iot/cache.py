@@ -26,6 +26,16 @@ Data without a version column (e.g. API tokens) uses the same scripts with time
 as the version (`timed_cache_*`): a miss records Redis' clock before the
 database read, the invalidation after a change records Redis' clock after the
 commit, and a fill is refused if its read started before the last invalidation.
+Inside the change's transaction, `timed_cache_hold` first replaces the entry with
+a hold that refuses every fill: if Redis can't be told, the change fails instead
+of committing while its cache entry stays live; if the after-commit invalidation
+then fails, the hold still keeps the stale entry out until it expires.
+
+Entries are tied to the Redis server's epoch (`run_id`): Redis persists the
+event stream (append-only file), so a restart could bring back an entry whose
+tombstone was written after the last fsync, or a replica promoted by a failover
+may never have received it. Only entries and tombstones written by the running
+server count, and a fill whose miss was seen by an earlier server is refused.
 """
 
 from dataclasses import dataclass
@@ -34,42 +44,63 @@ from django.conf import settings
 
 from iot.redis import register_script
 
+# The running Redis server's identity (`run_id`, new at every start). Every entry and tombstone
+# carries the epoch it was written in, and only entries of the current epoch count: a server that
+# restarts from its append-only file or a snapshot (or a replica promoted by a failover) may bring
+# back an entry whose invalidation it never recorded, and that entry must not be served.
+_EPOCH = "local epoch = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
+_NOW_MS = "local t = redis.call('TIME')\nlocal now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
+
 _GET = register_script(
-    """
-local d = redis.call('HGET', KEYS[1], 'd')
-if d then return {1, d} end
-local t = redis.call('TIME')
-return {0, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+    f"""
+{_EPOCH}
+local entry = redis.call('HMGET', KEYS[1], 'd', 'e')
+if entry[1] and entry[2] == epoch then return {{1, entry[1]}} end
+{_NOW_MS}
+return {{0, now_ms, epoch}}
 """
 )
 
+# ARGV: version, payload, ttl ms, read started (ms, Redis time), max read age ms, epoch of the miss
 _FILL = register_script(
-    """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    f"""
+{_EPOCH}
+-- A miss seen by another server process (before a restart or failover) may predate an
+-- invalidation this one never heard of: refuse it.
+if ARGV[6] ~= epoch then return 0 end
+{_NOW_MS}
 if now_ms - tonumber(ARGV[4]) > tonumber(ARGV[5]) then return 0 end
-local cur = redis.call('HGET', KEYS[1], 'v')
+local cur = redis.call('HMGET', KEYS[1], 'v', 'e')
 local version = tonumber(ARGV[1])
-if cur and tonumber(cur) > version then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
+if cur[1] and cur[2] == epoch and tonumber(cur[1]) > version then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2], 'e', epoch)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 )
 
+# ARGV: version, tombstone ttl ms. Version -1: time-versioned, the tombstone is the next
+# millisecond by Redis' clock, so a read that began in this same millisecond (maybe before the
+# commit) is refused; it replaces any tombstone, a pending one included. Version -2: pending, a
+# change in an open transaction: no fill of any read may land until that change's after-commit
+# invalidation replaces it, or it expires.
+_PENDING = 9007199254740991
 _INVALIDATE = register_script(
-    """
-local cur = redis.call('HGET', KEYS[1], 'v')
+    f"""
+{_EPOCH}
 local version = tonumber(ARGV[1])
-if version < 0 then
-  -- Time-versioned entries: the tombstone is the next millisecond by Redis' clock,
-  -- so a read that began in this same millisecond (maybe before the commit) is refused.
-  local t = redis.call('TIME')
-  version = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 1
+if version == -2 then
+  version = {_PENDING}
+elseif version == -1 then
+  {_NOW_MS}
+  version = now_ms + 1
+else
+  local cur = redis.call('HMGET', KEYS[1], 'v', 'e')
+  if cur[1] and cur[2] == epoch and tonumber(cur[1]) > version then return 0 end
 end
-if cur and tonumber(cur) > version then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'v', version)
+redis.call('HSET', KEYS[1], 'v', version, 'e', epoch)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -78,10 +109,11 @@ return 1
 
 @dataclass(frozen=True)
 class CacheLookup:
-    """A cache read: `payload` on a hit; on a miss, Redis' clock for the later fill."""
+    """A cache read: `payload` on a hit; on a miss, Redis' clock and epoch for the later fill."""
 
     payload: bytes | None
     read_started_ms: int = 0
+    epoch: bytes = b""
 
     @property
     def hit(self) -> bool:
@@ -93,18 +125,26 @@ def _tombstone_ttl_ms() -> int:
 
 
 def versioned_cache_get(*, key: str) -> CacheLookup:
-    """One round trip: the payload, or the moment (Redis time) a miss was seen."""
-    found, value = _GET(keys=[key])
+    """One round trip: the payload, or the moment (Redis time) and epoch a miss was seen."""
+    found, *value = _GET(keys=[key])
     if found:
-        return CacheLookup(payload=value)
-    return CacheLookup(payload=None, read_started_ms=int(value))
+        return CacheLookup(payload=value[0])
+    return CacheLookup(payload=None, read_started_ms=int(value[0]), epoch=value[1])
 
 
-def versioned_cache_fill(*, key: str, version: int, payload: bytes, read_started_ms: int, ttl_seconds: int) -> bool:
-    """Store `payload` unless a newer version is known or the read is too old; True if stored."""
+def versioned_cache_fill(*, key: str, version: int, payload: bytes, lookup: CacheLookup, ttl_seconds: int) -> bool:
+    """Store `payload` read after `lookup` missed, unless a newer version is known, the read is
+    too old, or Redis restarted since the miss; True if stored."""
     stored = _FILL(
         keys=[key],
-        args=[version, payload, ttl_seconds * 1000, read_started_ms, settings.CACHE_FILL_MAX_AGE_MS],
+        args=[
+            version,
+            payload,
+            ttl_seconds * 1000,
+            lookup.read_started_ms,
+            settings.CACHE_FILL_MAX_AGE_MS,
+            lookup.epoch,
+        ],
     )
     return bool(stored)
 
@@ -122,14 +162,20 @@ def timed_cache_get(*, key: str) -> CacheLookup:
 def timed_cache_fill(*, key: str, payload: bytes, lookup: CacheLookup, ttl_seconds: int) -> bool:
     """Store data read from the database after `lookup` missed; refused if invalidated since."""
     return versioned_cache_fill(
-        key=key,
-        version=lookup.read_started_ms,
-        payload=payload,
-        read_started_ms=lookup.read_started_ms,
-        ttl_seconds=ttl_seconds,
+        key=key, version=lookup.read_started_ms, payload=payload, lookup=lookup, ttl_seconds=ttl_seconds
     )
 
 
 def timed_cache_invalidate(*, key: str) -> None:
     """Call after the change committed: any fill whose read began before now (Redis time) is refused."""
     _INVALIDATE(keys=[key], args=[-1, _tombstone_ttl_ms()])
+
+
+def timed_cache_hold(*, key: str, ttl_ms: int) -> None:
+    """Call inside the transaction of a change: refuse every fill until `timed_cache_invalidate`
+    (after the commit) replaces this hold, or for `ttl_ms`.
+
+    Raises if Redis can't be told, so the change fails rather than commits with its
+    cache entry still live: a revocation takes effect everywhere or fails loudly.
+    """
+    _INVALIDATE(keys=[key], args=[-2, ttl_ms])

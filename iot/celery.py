@@ -7,6 +7,7 @@ Besides the task queue, each worker keeps a heartbeat in Redis (see
 import os
 
 from celery import Celery, bootsteps
+from celery.signals import worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "iot.settings")
 
@@ -44,3 +45,11 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(WorkerHeartbeat)
+
+
+@worker_ready.connect
+def warn_about_redis_eviction(sender=None, **kwargs) -> None:
+    """Loud in the worker's log if Redis may evict keys (see `iot.health.redis_policy_check`)."""
+    from iot.health import redis_policy_warn
+
+    redis_policy_warn(process=f"worker {getattr(sender, 'hostname', '')}".strip())

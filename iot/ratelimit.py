@@ -31,6 +31,26 @@ to the window, and the telemetry endpoint answers it with 422, not 429.
 Every key gets a PEXPIRE of the window (plus a second) on each write, so devices
 that go quiet leave nothing behind.
 
+**A lost key is rebuilt from its partner.** Redis must run with
+`maxmemory-policy noeviction` (`/health/ready` reports anything else, see
+docs/ARCHITECTURE.md), but a `DEL`, a flush of one key or an evicting policy can
+still take one key of a device's pair and leave the other. Trusting the survivor
+alone failed open: with the total gone and the log kept, a device with a limit of
+10 got 20 points admitted in one window. So the script repairs the pair before
+deciding, always towards refusing, never towards admitting:
+
+* total missing, log present: the total is summed again from the log's members
+  (O(entries in the window), paid only after such a loss);
+* log missing, total present: the log's timestamps are gone, but the total's TTL
+  was set by the last admitted request, so that request's time is known and no
+  point in the total is younger. The log is rebuilt as one entry holding the whole
+  total at that time: it frees the points no earlier than the lost entries would
+  have (at worst one window after the last admitted request), so the device may
+  wait longer than it strictly had to, once, but never gets past its limit.
+
+Both keys lost is a device with a clean slate: nothing is left to rebuild from,
+which is why eviction must be off.
+
 Why not the `limits` library (5.x, read before writing this): its Redis
 "moving window" timestamps requests with the web host's `time.time()`, not Redis'
 clock; it pushes one list element per unit of cost (a batch of n is O(n) and a
@@ -64,20 +84,65 @@ local now = second * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function fmt(n) return string.format('%.0f', n) end
 local function entry_points(member) return tonumber(string.match(member, '^(%d+):')) end
 
+-- Nothing evicts these keys under the required `maxmemory-policy noeviction`, but a DEL or a
+-- different policy can take one of the pair and leave the other. Rebuild the missing one from
+-- the survivor, erring towards refusing: a device is never admitted past its limit.
+local cutoff = fmt(now - window_ms)
+local raw = redis.call('GET', KEYS[2])
+local stored = raw and tonumber(raw)  -- nil when missing (or not a number)
+local has_log = redis.call('EXISTS', KEYS[1]) == 1
+if raw and not has_log then
+  -- The log is gone, its total survives. The total's TTL was set by the last admitted request
+  -- (window + 1 s), so that request's time is known and no point in the total is younger:
+  -- one entry for the whole total at that time expires it no earlier than the lost log would have.
+  if stored and stored > 0 then
+    local pttl = redis.call('PTTL', KEYS[2])
+    local at = now
+    if pttl > 0 then
+      at = math.min(now, now - (window_ms + 1000 - pttl))
+    else
+      pttl = window_ms + 1000
+      redis.call('PEXPIRE', KEYS[2], fmt(pttl))
+    end
+    redis.call('ZADD', KEYS[1], fmt(at), fmt(stored) .. ':rebuilt')
+    redis.call('PEXPIRE', KEYS[1], fmt(pttl))
+    has_log = true
+  else
+    redis.call('DEL', KEYS[2])
+    stored = nil
+  end
+end
+
 -- Forget entries that left the window, subtracting their points from the total.
 local total = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  total = tonumber(redis.call('GET', KEYS[2]) or '0')
-  local cutoff = fmt(now - window_ms)
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-  if #expired > 0 then
-    for i = 1, #expired do total = total - entry_points(expired[i]) end
+if has_log then
+  if stored then
+    total = stored
+    local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+    if #expired > 0 then
+      for i = 1, #expired do total = total - entry_points(expired[i]) end
+      redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+      if redis.call('EXISTS', KEYS[1]) == 0 then total = 0 end
+      if total == 0 then
+        redis.call('DEL', KEYS[2])
+      else
+        redis.call('SET', KEYS[2], total, 'KEEPTTL')
+      end
+    end
+  else
+    -- The total is gone, its log survives: sum the log again (O(entries), only after such a loss).
     redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-    if redis.call('EXISTS', KEYS[1]) == 0 then total = 0 end
-    if total == 0 then
-      redis.call('DEL', KEYS[2])
-    else
-      redis.call('SET', KEYS[2], total, 'KEEPTTL')
+    local start = 0
+    while true do
+      local chunk = redis.call('ZRANGE', KEYS[1], start, start + 999)
+      for i = 1, #chunk do total = total + entry_points(chunk[i]) end
+      if #chunk < 1000 then break end
+      start = start + 1000
+    end
+    if total > 0 then
+      local pttl = redis.call('PTTL', KEYS[1])
+      if pttl <= 0 then pttl = window_ms + 1000 end
+      redis.call('SET', KEYS[2], total, 'PX', fmt(pttl))
     end
   end
 end

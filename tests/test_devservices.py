@@ -7,6 +7,7 @@ database, so they need no ``db`` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -67,13 +68,27 @@ def clean_instance_dir():
     shutil.rmtree(INSTANCE_DIR, ignore_errors=True)
 
 
+def _as_from_a_terminal() -> None:
+    """preexec_fn: start the launcher with SIGINT at its default action, as a terminal does.
+
+    A shell starts a background job (`make test &`, a nohup'd script, a CI runner without a
+    terminal) with SIGINT ignored, so that Ctrl-C doesn't reach it, and an ignored signal stays
+    ignored across fork and exec: pytest, and every launcher it spawned, would ignore the SIGINT
+    these tests send. The launcher is right to keep an inherited SIG_IGN (it is how POSIX hands
+    "don't interrupt this" down, and what nohup relies on for SIGHUP; the test below pins it);
+    so the tests, which stand for a launcher run from a terminal, give it a terminal's SIGINT
+    instead of depending on how pytest itself was started.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def launched():
     """Start launchers; make sure none survives the test, even on failure."""
     procs: list[subprocess.Popen] = []
 
-    def launch(child_code: str) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    def launch(child_code: str, *, env: dict[str, str] | None = None, preexec_fn=_as_from_a_terminal):
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")} | (env or {})
         proc = subprocess.Popen(
             [sys.executable, str(LAUNCHER), "--instance", INSTANCE, "run", "--", sys.executable, "-c", child_code],
             env=env,
@@ -81,6 +96,7 @@ def launched():
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # not in our (possibly terminal) process group
+            preexec_fn=preexec_fn,
         )
         procs.append(proc)
         return proc
@@ -172,9 +188,22 @@ def test_exit_code_of_child_is_propagated(launched):
     assert proc.returncode == 3
 
 
+@contextlib.contextmanager
+def _sigint_ignored(ignored: bool):
+    """Run the body as pytest runs in a background job: with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignored else None
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("pytest_sigint", ["default", "ignored"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_child_and_servers(launched, signum):
-    proc = launched(CHILD_SLEEP)
+def test_signal_stops_child_and_servers(launched, signum, pytest_sigint):
+    with _sigint_ignored(pytest_sigint == "ignored"):
+        proc = launched(CHILD_SLEEP)
     urls = _urls(_read_until(proc, b"READY", timeout=30))
     assert _postgres_accepts(urls["db"]) and _redis_accepts(urls["redis"])
     proc.send_signal(signum)
@@ -182,6 +211,75 @@ def test_signal_stops_child_and_servers(launched, signum):
     assert proc.returncode == 128 + signum  # the child died from the forwarded signal
     _assert_servers_gone(urls)
     assert not (INSTANCE_DIR / "pg" / "postmaster.pid").exists()
+
+
+def test_an_inherited_ignored_sigint_is_kept_and_sigterm_still_stops(launched):
+    """A launcher started in the background (SIGINT ignored) is not stopped by SIGINT; SIGTERM stops it."""
+    proc = launched(CHILD_SLEEP, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    urls = _urls(_read_until(proc, b"READY", timeout=30))
+    proc.send_signal(signal.SIGINT)  # discarded: ignored signals are never delivered
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM  # had SIGINT been forwarded, the child would have died of it
+    _assert_servers_gone(urls)
+
+
+# Writes an event-stream entry and waits until redis-server has handed it to the kernel
+# (INFO aof_buffer_length 0), which is all a crash of the process can't take away.
+CHILD_XADD = """
+import json, os, time
+import redis
+r = redis.Redis.from_url(os.environ["REDIS_URL"], socket_timeout=5)
+entry = r.xadd("iot:events:stream", {"t": "telemetry.points", "w": "3", "p": "{}"}).decode()
+deadline = time.monotonic() + 10
+while r.info("persistence").get("aof_buffer_length") and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({"entry": entry, "redis": os.environ["REDIS_URL"]}), flush=True)
+print("READY", flush=True)
+if os.environ.get("STAY"):
+    time.sleep(60)
+"""
+
+CHILD_XRANGE = """
+import json, os
+import redis
+r = redis.Redis.from_url(os.environ["REDIS_URL"], socket_timeout=5)
+print(json.dumps({"entries": [[i.decode(), {k.decode(): v.decode() for k, v in f.items()}]
+                              for i, f in r.xrange("iot:events:stream")]}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("stop", ["clean", "crash"])
+def test_redis_keeps_the_event_stream_across_a_restart(launched, stop):
+    """Issue 6, item 3. `clean`: the launcher stops redis-server with SIGTERM, as at the end of every
+    `make run`. `crash`: redis-server is SIGKILLed once the entry reached its append-only file.
+    Without persistence (the old `appendonly no`, `save ""`) both restarts came back empty."""
+    only_redis = {"DATABASE_URL": "postgres://unused/db"}  # this is about Redis: no Postgres needed
+    shutil.rmtree(INSTANCE_DIR / "redis", ignore_errors=True)
+    first = launched(CHILD_XADD, env={**only_redis, "STAY": "1" if stop == "crash" else ""})
+    written = _urls(_read_until(first, b"READY", timeout=30))
+    if stop == "crash":
+        redis_pid = int((INSTANCE_DIR / "redis" / "redis-server.pid").read_text())
+        os.kill(redis_pid, signal.SIGKILL)
+        assert _redis_stops_accepting(written["redis"])
+        first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=30)
+    assert _redis_stops_accepting(written["redis"])
+
+    second = launched(CHILD_XRANGE, env=only_redis)
+    stdout, stderr = second.communicate(timeout=30)
+    assert second.returncode == 0, stderr.decode()
+    assert _urls(stdout)["entries"] == [[written["entry"], {"t": "telemetry.points", "w": "3", "p": "{}"}]]
+
+
+def _redis_stops_accepting(redis_url: str, timeout: float = 10.0) -> bool:
+    """True once the server no longer accepts connections (polled with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while _redis_accepts(redis_url):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_restart_after_launcher_was_killed(launched):

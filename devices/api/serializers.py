@@ -33,6 +33,8 @@ class DeviceRegistrationResponseSerializer(DeviceSerializer):
 
 
 class DeviceRegisterSerializer(StrictInputSerializer):
+    """A registration: serial number, type and firmware; location, group and metadata optional."""
+
     serial_number = StrictCharField(max_length=128, trim_whitespace=True)
     device_type = StrictCharField(max_length=64)
     firmware_version = StrictRegexField(VERSION_LABEL, max_length=64)
@@ -47,6 +49,10 @@ class DeviceRegisterSerializer(StrictInputSerializer):
 
 
 class DeviceUpdateSerializer(StrictInputSerializer):
+    """The fields to change (at least one); the others keep their values."""
+
+    min_fields = 1
+
     location = StrictCharField(max_length=255, required=False, allow_null=True, allow_blank=True)
     status = serializers.ChoiceField(choices=DeviceStatus.choices, required=False)
     group_id = StrictCharField(max_length=128, required=False, allow_null=True)
@@ -55,13 +61,13 @@ class DeviceUpdateSerializer(StrictInputSerializer):
     firmware_version = StrictRegexField(VERSION_LABEL, max_length=64, required=False)
 
     def validate(self, attrs):
-        if not attrs:
+        if len(attrs) < self.min_fields:
             raise serializers.ValidationError(f"Send at least one of: {', '.join(self.fields)}.")
         return attrs
 
 
 class DeviceListQuerySerializer(StrictInputSerializer):
-    group_id = StrictCharField(max_length=128, required=False)
+    group_id = StrictCharField(max_length=128, required=False, help_text="Only the devices of this group.")
     status = serializers.ChoiceField(choices=DeviceStatus.choices, required=False)
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000)
-    cursor = serializers.CharField(required=False)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, help_text="Page size (default 100).")
+    cursor = serializers.CharField(required=False, help_text="From a page's `next`/`previous` link, unchanged.")

@@ -3,8 +3,8 @@ import uuid
 import pytest
 
 from devices.models import Device
-from devices.selectors import device_get
-from devices.services import device_register
+from devices.selectors import device_get, device_get_by_token_hash
+from devices.services import device_register, device_token_hash
 
 pytestmark = pytest.mark.django_db
 
@@ -77,3 +77,47 @@ def test_change_form_saves_through_service_and_keeps_audit_fields_read_only(admi
 
 def test_devices_cannot_be_added_in_admin(admin_client):
     assert admin_client.get("/admin/devices/device/add/").status_code == 403
+
+
+@pytest.fixture
+def registrations():
+    return [
+        device_register(serial_number=f"ADM-DEL-{uuid.uuid4().hex[:8]}", device_type="sensor", firmware_version="1")
+        for _ in range(3)
+    ]
+
+
+def _warm(registration):
+    """A read and an authentication: the device and its credential mapping are cached."""
+    assert device_get(device_id=registration.device.pk) is not None
+    assert device_get_by_token_hash(token_hash=device_token_hash(registration.device_token)) is not None
+
+
+def _forgotten(registration) -> bool:
+    return (
+        device_get(device_id=registration.device.pk) is None
+        and device_get_by_token_hash(token_hash=device_token_hash(registration.device_token)) is None
+    )
+
+
+def test_deleting_a_device_in_the_admin_forgets_it_at_once(admin_client, registrations):
+    doomed, kept = registrations[0], registrations[1]
+    _warm(doomed)
+    _warm(kept)
+    url = f"/admin/devices/device/{doomed.device.pk}/delete/"
+    assert admin_client.get(url).status_code == 200
+    assert admin_client.post(url, {"post": "yes"}).status_code == 302
+    assert _forgotten(doomed)
+    assert not _forgotten(kept)
+
+
+def test_the_delete_selected_action_forgets_every_device_at_once(admin_client, registrations):
+    for registration in registrations:
+        _warm(registration)
+    selected = [str(r.device.pk) for r in registrations[:2]]
+    response = admin_client.post(
+        "/admin/devices/device/", {"action": "delete_selected", "_selected_action": selected, "post": "yes"}
+    )
+    assert response.status_code == 302
+    assert [_forgotten(r) for r in registrations] == [True, True, False]
+    assert not Device.objects.filter(pk__in=selected).exists()

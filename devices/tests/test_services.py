@@ -1,12 +1,22 @@
 import uuid
 
 import pytest
+from django.conf import settings
 
-from devices.cache import device_cache_key
+from devices.cache import device_cache_key, device_to_cache, device_token_cache_key
 from devices.models import Device, DeviceStatus
-from devices.selectors import device_get
-from devices.services import device_bulk_update, device_mark_seen, device_register, device_token_hash, device_update
-from iot.cache import versioned_cache_get
+from devices.selectors import device_get, device_get_by_token_hash
+from devices.services import (
+    device_bulk_delete,
+    device_bulk_update,
+    device_delete,
+    device_mark_seen,
+    device_register,
+    device_token_hash,
+    device_update,
+)
+from iot.cache import versioned_cache_fill, versioned_cache_get
+from iot.redis import get_redis
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -87,3 +97,43 @@ def test_cached_read_equals_uncached_read_to_the_microsecond():
     for field in Device._meta.concrete_fields:
         if field.attname != "token_hash":
             assert getattr(cached, field.attname) == getattr(uncached, field.attname), field.attname
+
+
+def test_delete_forgets_the_device_and_its_credential_at_once():
+    registration = new_device()
+    device, token_hash = registration.device, device_token_hash(registration.device_token)
+    device_update(device_id=device.pk, changes={"location": "Roof"})  # version 2
+    assert device_get_by_token_hash(token_hash=token_hash).location == "Roof"  # caches mapping and device
+    device_delete(device_id=device.pk)
+    assert device_get(device_id=device.pk) is None
+    assert device_get_by_token_hash(token_hash=token_hash) is None
+    assert not get_redis().exists(device_token_cache_key(token_hash))  # dropped after commit
+    assert not Device.objects.filter(pk=device.pk).exists()
+
+
+def test_a_reader_that_read_before_the_delete_cannot_fill_the_cache_after_it():
+    device = new_device().device
+    device_update(device_id=device.pk, changes={"location": "Roof"})
+    key = device_cache_key(device.pk)
+    lookup = versioned_cache_get(key=key)  # a reader misses...
+    stale = Device.objects.get(pk=device.pk)  # ...reads the row (version 2)...
+    device_delete(device_id=device.pk)  # ...the delete commits...
+    filled = versioned_cache_fill(  # ...and the reader's fill comes late, yet within CACHE_FILL_MAX_AGE_MS
+        key=key,
+        version=stale.version,
+        payload=device_to_cache(stale),
+        lookup=lookup,
+        ttl_seconds=settings.DEVICE_CACHE_TTL_SECONDS,
+    )
+    assert not filled
+    assert device_get(device_id=device.pk) is None
+
+
+def test_delete_of_an_unknown_device_raises_and_bulk_delete_counts():
+    with pytest.raises(Device.DoesNotExist):
+        device_delete(device_id=uuid.uuid4())
+    devices = [new_device().device for _ in range(3)]
+    for device in devices:
+        device_get(device_id=device.pk)
+    assert device_bulk_delete(device_ids=[d.pk for d in devices[:2]] + [uuid.uuid4()]) == 2
+    assert [device_get(device_id=d.pk) is None for d in devices] == [True, True, False]

@@ -17,7 +17,34 @@ from rest_framework.views import exception_handler
 
 logger = logging.getLogger(__name__)
 
-DEPENDENCY_ERRORS = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
+# Redis full under `noeviction` (OutOfMemoryError) or a replica not yet promoted after a failover
+# (ReadOnlyError) is an outage to wait out, like a refused connection.
+DEPENDENCY_ERRORS = (
+    OperationalError,
+    InterfaceError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
+
+
+class Refusal(exceptions.APIException):
+    """A refusal whose answer carries more than a message: a machine-readable `code`, extra
+    body fields and headers (`Retry-After`, `X-RateLimit-*`).
+
+    Raised, never returned: inside an `Idempotency-Key` transaction a raise rolls the
+    key's claim back, so a refused request is not replayed to its retry.
+    """
+
+    def __init__(
+        self, detail: str, *, status_code: int, code: str, headers: dict[str, str] | None = None, **fields
+    ) -> None:
+        super().__init__(detail, code)
+        self.status_code = status_code
+        self.code = code
+        self.headers = headers or {}
+        self.fields = fields
 
 
 def api_exception_handler(exc, context):
@@ -27,6 +54,10 @@ def api_exception_handler(exc, context):
         exc = exceptions.PermissionDenied()
     response = exception_handler(exc, context)
     if response is not None:
+        if isinstance(exc, Refusal):
+            response.data = {"detail": response.data["detail"], "code": exc.code, **exc.fields}
+            for name, value in exc.headers.items():
+                response[name] = value
         return response
     if isinstance(exc, DEPENDENCY_ERRORS):
         logger.warning("dependency unavailable: %s", exc)

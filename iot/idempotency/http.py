@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from iot.idempotency.services import (
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
+    IdempotencyReplayUnreadable,
     idempotent_execute,
     request_fingerprint,
 )
@@ -29,6 +30,23 @@ class IdempotencyKeyMismatch(APIException):
     status_code = http_status.HTTP_422_UNPROCESSABLE_ENTITY
     default_detail = "This Idempotency-Key was already used with a different request body."
     default_code = "idempotency_key_reused"
+
+
+class IdempotencyReplayUnavailable(APIException):
+    """The first request was done, but its stored response can't be decrypted any more.
+
+    `409`, not `500` (nothing is broken for this caller to report) and not a re-run
+    (its work is already committed; see `IdempotencyReplayUnreadable`). Retrying with
+    the same key gives the same answer until the key expires.
+    """
+
+    status_code = http_status.HTTP_409_CONFLICT
+    default_detail = (
+        "The request with this Idempotency-Key was already processed, but its response can no longer be "
+        "replayed (the server's key for stored responses was changed). It was not run again: read the "
+        "resource, or send the request with a new Idempotency-Key."
+    )
+    default_code = "idempotency_replay_unavailable"
 
 
 def _principal(request: Request) -> str:
@@ -62,6 +80,8 @@ def idempotent_response(request: Request, handler: Callable[[], tuple[int, Any]]
         raise IdempotencyConflict() from exc
     except IdempotencyKeyReused as exc:
         raise IdempotencyKeyMismatch() from exc
+    except IdempotencyReplayUnreadable as exc:
+        raise IdempotencyReplayUnavailable() from exc
     response = Response(outcome.body, status=outcome.status)
     if outcome.replayed:
         response["Idempotent-Replayed"] = "true"

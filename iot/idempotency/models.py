@@ -9,14 +9,17 @@ class IdempotencyKey(models.Model):
     absent, in flight (row locked by an open transaction) or done - never done
     without the work, nor the work without the key. `scope` ties a key to the
     caller and the endpoint, so two clients can't collide or replay each
-    other's responses.
+    other's responses. The response body is stored encrypted (`crypto.py`): it
+    may carry a secret that the client was shown once.
     """
 
     scope = models.CharField(max_length=255, help_text="Caller, method and path the key belongs to.")
     key = models.CharField(max_length=255)
     request_fingerprint = models.CharField(max_length=64, help_text="SHA-256 of the canonical request body.")
     response_status = models.PositiveSmallIntegerField(null=True, blank=True)
-    response_body = models.JSONField(null=True, blank=True)
+    response_body_encrypted = models.BinaryField(
+        null=True, blank=True, editable=False, help_text="The response body as JSON, encrypted (Fernet)."
+    )
     created_at = models.DateTimeField()
     expires_at = models.DateTimeField(db_index=True)
 

@@ -173,3 +173,25 @@ def http_client(platform: Platform, token: str | None = None, *, timeout: float 
         timeout=timeout,
         limits=httpx.Limits(max_connections=250, max_keepalive_connections=250),
     )
+
+
+def devservices_module():
+    """`scripts/devservices.py` (not a package) loaded as a module: its Postgres and Redis
+    launchers give a test servers of its own to stop, crash and restart."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("devservices", REPO_ROOT / "scripts" / "devservices.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_manage(env: dict[str, str], *args: str) -> str:
+    """A management command in a child process with `env` (a live platform's database and
+    Redis; a test's own transaction would hide its writes from the server); returns stdout."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "manage.py"), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr[-4000:]}")
+    return result.stdout

@@ -15,42 +15,42 @@ def key():
     return redis_key("test-cache", uuid.uuid4().hex)
 
 
-def fill(key, version, payload, started):
-    return versioned_cache_fill(key=key, version=version, payload=payload, read_started_ms=started, ttl_seconds=60)
+def fill(key, version, payload, lookup):
+    return versioned_cache_fill(key=key, version=version, payload=payload, lookup=lookup, ttl_seconds=60)
 
 
 def test_miss_then_fill_then_hit(key):
     miss = versioned_cache_get(key=key)
     assert not miss.hit and miss.read_started_ms > 0
-    assert fill(key, 1, b"v1", miss.read_started_ms)
+    assert fill(key, 1, b"v1", miss)
     assert versioned_cache_get(key=key).payload == b"v1"
 
 
 def test_reader_that_read_before_a_write_cannot_refill_old_data(key):
     """The stale-fill race: read v1 from the DB, a write commits v2 and invalidates, then the fill."""
-    assert fill(key, 1, b"v1", versioned_cache_get(key=key).read_started_ms)
+    assert fill(key, 1, b"v1", versioned_cache_get(key=key))
     slow_reader = versioned_cache_get(key=key)  # hit, but a reader that missed would look like:
     assert slow_reader.hit
     versioned_cache_invalidate(key=key, version=2)  # writer: UPDATE ... version=2, then invalidate
     late_miss = versioned_cache_get(key=key)
     assert not late_miss.hit
     # The reader that fetched version 1 before the write now tries to store it: refused.
-    assert not fill(key, 1, b"v1", late_miss.read_started_ms)
+    assert not fill(key, 1, b"v1", late_miss)
     assert not versioned_cache_get(key=key).hit
     # A reader that fetched version 2 fills normally.
-    assert fill(key, 2, b"v2", late_miss.read_started_ms)
+    assert fill(key, 2, b"v2", late_miss)
     assert versioned_cache_get(key=key).payload == b"v2"
 
 
 def test_older_fill_never_overwrites_newer_payload(key):
-    started = versioned_cache_get(key=key).read_started_ms
+    started = versioned_cache_get(key=key)
     assert fill(key, 5, b"v5", started)
     assert not fill(key, 4, b"v4", started)
     assert versioned_cache_get(key=key).payload == b"v5"
 
 
 def test_invalidate_never_lowers_the_known_version(key):
-    started = versioned_cache_get(key=key).read_started_ms
+    started = versioned_cache_get(key=key)
     assert fill(key, 7, b"v7", started)
     versioned_cache_invalidate(key=key, version=3)  # a late, older invalidation is a no-op
     assert versioned_cache_get(key=key).payload == b"v7"
@@ -58,7 +58,7 @@ def test_invalidate_never_lowers_the_known_version(key):
 
 @override_settings(CACHE_FILL_MAX_AGE_MS=50)
 def test_fill_from_a_stale_read_is_refused_even_after_the_tombstone_expired(key):
-    started = versioned_cache_get(key=key).read_started_ms
+    started = versioned_cache_get(key=key)
     time.sleep(0.1)  # the reader stalled between its database read and its fill (not a timing assert)
     assert not fill(key, 1, b"v1", started)
     assert not versioned_cache_get(key=key).hit
@@ -86,5 +86,50 @@ def test_timed_cache_refuses_a_fill_whose_read_started_before_an_invalidation(ke
         lambda: timed_cache_fill(key=key, payload=b"new", lookup=timed_cache_get(key=key), ttl_seconds=60),
         timeout=5,
         message="a fill from a read that began after the invalidation",
+    )
+    assert timed_cache_get(key=key).payload == b"new"
+
+
+# --- Epochs: what a Redis restart or failover brings back must not be served -----------------
+
+
+def test_an_entry_written_by_an_earlier_server_is_not_served(key):
+    """An entry restored from disk (or a replica) whose tombstone was lost: another epoch, ignored."""
+    get_redis().hset(key, mapping={"v": 1, "d": b"stale", "e": "0" * 40})
+    assert not versioned_cache_get(key=key).hit
+
+
+def test_a_tombstone_of_an_earlier_server_does_not_block_a_fresh_fill(key):
+    get_redis().hset(key, mapping={"v": 99, "e": "0" * 40})
+    assert fill(key, 1, b"v1", versioned_cache_get(key=key))
+    assert versioned_cache_get(key=key).payload == b"v1"
+
+
+def test_a_fill_whose_miss_an_earlier_server_saw_is_refused(key):
+    """The miss (and the database read after it) happened before the restart: it may predate
+    an invalidation the restarted server never heard of."""
+    from dataclasses import replace
+
+    miss = versioned_cache_get(key=key)
+    assert miss.epoch
+    assert not fill(key, 1, b"v1", replace(miss, epoch=b"0" * 40))
+    assert not versioned_cache_get(key=key).hit
+
+
+def test_a_hold_refuses_every_fill_until_the_after_commit_invalidation(key):
+    from iot.cache import timed_cache_fill, timed_cache_get, timed_cache_hold, timed_cache_invalidate
+    from iot.testing.processes import wait_until
+
+    assert timed_cache_fill(key=key, payload=b"old", lookup=timed_cache_get(key=key), ttl_seconds=60)
+    timed_cache_hold(key=key, ttl_ms=60_000)  # the change's transaction is open
+    assert not timed_cache_get(key=key).hit
+    # Any read, however recent, is refused while the change may still be uncommitted.
+    assert not timed_cache_fill(key=key, payload=b"old", lookup=timed_cache_get(key=key), ttl_seconds=60)
+    assert get_redis().pttl(key) > 50_000
+    timed_cache_invalidate(key=key)  # committed
+    wait_until(
+        lambda: timed_cache_fill(key=key, payload=b"new", lookup=timed_cache_get(key=key), ttl_seconds=60),
+        timeout=5,
+        message="a fill after the invalidation",
     )
     assert timed_cache_get(key=key).payload == b"new"

@@ -324,3 +324,151 @@ def test_killed_consumer_loses_nothing(namespace, tmp_path):
     assert 1000 <= counter() <= 1000 + held  # redelivered at most what the killed consumer held
     assert get_redis().xpending(stream(), GROUP)["pending"] == 0
     assert get_redis().xlen(stream()) == 0 and get_redis().xlen(dead()) == 0
+
+
+# --- pruning consumers, and reconciling the depth with the stream ---------------------------------
+
+
+def consumers() -> dict[str, dict]:
+    return {_name(info["name"]): info for info in get_redis().xinfo_consumers(stream(), GROUP)}
+
+
+def _name(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def idle_past(name: str, idle_ms: int) -> None:
+    wait_until(lambda: consumers()[name]["idle"] > idle_ms, timeout=5, interval=0.01, message=f"{name} to idle")
+
+
+def test_prune_removes_only_idle_consumers_holding_nothing():
+    event_queue_publish(event_type="test.record", payload=record(1), weight=2)
+    get_redis().xgroup_createconsumer(stream(), GROUP, "gone")
+    [held] = read_without_ack("holding")
+    idle_past("gone", 200)
+    idle_past("holding", 200)
+    get_redis().xgroup_createconsumer(stream(), GROUP, "fresh")  # not idle
+    assert event_queue.prune_idle_consumers(idle_ms=200) == 1
+    assert set(consumers()) == {"holding", "fresh"}
+    assert get_redis().xpending(stream(), GROUP)["pending"] == 1  # "holding" keeps its entry
+    assert event_queue_ack(ids=[held]) == 1 and event_queue_depth() == 0
+
+
+def test_consumer_reading_while_it_is_pruned_loses_nothing(monkeypatch):
+    """The forced interleaving: the consumer reads right after prune's first call to Redis."""
+    client = get_redis()
+    client.xgroup_createconsumer(stream(), GROUP, "reused")
+    idle_past("reused", 20)
+    event_queue_publish(event_type="test.record", payload=record(1), weight=7)
+    real = client.execute_command
+    read: list[str] = []
+    fired = []
+
+    def then_the_consumer_reads(*args, **options):
+        result = real(*args, **options)
+        # Once, after prune's first command (XINFO before; the whole script now, once it is loaded).
+        if not fired and args[0] != "SCRIPT LOAD":
+            fired.append(args[0])
+            read.extend(read_without_ack("reused"))
+        return result
+
+    monkeypatch.setattr(client, "execute_command", then_the_consumer_reads)
+    assert event_queue.prune_idle_consumers(idle_ms=20) == 1  # it was idle and held nothing: removed
+    monkeypatch.undo()
+    assert len(read) == 1  # the consumer got the entry and is handling it
+    assert client.xpending(stream(), GROUP)["pending"] == 1  # ... and still holds it
+    assert event_queue_ack(ids=read) == 1  # so its ack counts: before, 0, leaving depth 7 for good
+    assert event_queue_depth() == 0 and client.xlen(stream()) == 0
+
+
+def test_reconcile_corrects_a_drifted_depth():
+    for n, weight in enumerate([3, 4, 5]):
+        event_queue_publish(event_type="test.record", payload=record(n), weight=weight)
+    read_without_ack("c1", count=1)  # one pending, two not yet delivered: all three count
+    depth_key = redis_key("events", "depth")
+    get_redis().incrby(depth_key, 40)  # drift, as an eviction or a lost write leaves it
+    assert event_queue_depth() == 52
+    report = event_queue.event_queue_reconcile()
+    assert (report.checked, report.depth_before, report.depth_after, report.stream_length) == (True, 52, 12, 3)
+    assert report.requeued == () and event_queue_depth() == 12
+    get_redis().delete(depth_key)  # the counter lost altogether
+    assert event_queue.event_queue_reconcile().depth_after == 12 and event_queue_depth() == 12
+    assert event_queue_consume(consumer="c2", block_ms=100).handled == 2
+    assert event_queue_reclaim(consumer="c2", min_idle_ms=0).handled == 1
+    assert event_queue_depth() == 0 and event_queue.event_queue_reconcile().depth_after == 0
+
+
+def test_reconcile_task_runs_the_reconciliation():
+    from iot.tasks import event_queue_reconciliation
+
+    event_queue_publish(event_type="test.record", payload=record(1), weight=6)
+    get_redis().set(redis_key("events", "depth"), 9_999)  # every publish would be refused
+    assert event_queue_reconciliation.apply().get() == {
+        "checked": True,
+        "depth_before": 9_999,
+        "depth_after": 6,
+        "requeued": 0,
+    }
+    event_queue_publish(event_type="test.record", payload=record(2), weight=6)
+    assert event_queue_depth() == 12
+
+
+def test_reconcile_hands_out_entries_no_consumer_holds_again():
+    client = get_redis()
+    event_queue_publish(event_type="test.record", payload=record(1), weight=7)
+    event_queue_publish(event_type="test.record", payload=record(2), weight=1)
+    lost, kept = read_without_ack("dropped", count=1)[0], read_without_ack("alive", count=1)[0]
+    client.xgroup_delconsumer(stream(), GROUP, "dropped")  # what the old prune did: its entry is orphaned
+    assert client.xpending(stream(), GROUP)["pending"] == 1 and event_queue_depth() == 8
+    assert event_queue_reclaim(consumer="alive", min_idle_ms=0).handled == 1  # only "kept" can be reached
+    assert event_queue_consume(consumer="alive", block_ms=50).handled == 0
+    assert event_queue_depth() == 7 and client.xlen(stream()) == 1  # stuck for good, before
+    report = event_queue.event_queue_reconcile()
+    assert report.requeued == (lost,) and report.depth_after == 7 and report.stream_length == 1
+    [(new_id, fields)] = client.xrange(stream())
+    assert new_id.decode() > lost and fields[b"w"] == b"7" and fields[b"t"] == b"test.record"
+    assert event_queue_consume(consumer="alive", block_ms=100).handled == 1  # delivered again
+    assert counter() == 2 and event_queue_depth() == 0 and client.xlen(stream()) == 0
+    assert kept != lost
+
+
+def test_reconcile_leaves_a_long_stream_alone(settings):
+    settings.EVENT_QUEUE_RECONCILE_MAX_ENTRIES = 5
+    for n in range(6):
+        event_queue_publish(event_type="test.record", payload=record(n))
+    get_redis().incrby(redis_key("events", "depth"), 3)
+    report = event_queue.event_queue_reconcile()
+    assert (report.checked, report.depth_before, report.depth_after, report.stream_length) == (False, 9, 9, 6)
+    assert event_queue_depth() == 9  # untouched: not checked
+
+
+def test_reconcile_is_exact_under_concurrent_publish_and_consume(settings):
+    """Drift 0 stays 0 while publishers and a consumer run: every reconcile sees one consistent state."""
+    import threading
+
+    settings.EVENT_QUEUE_MAX_SIZE = 1_000_000
+    stop = threading.Event()
+    drifts: list[int] = []
+
+    def reconcile() -> None:
+        while not stop.is_set():
+            report = event_queue.event_queue_reconcile()
+            drifts.append(report.depth_before - report.depth_after)
+
+    def consume() -> None:
+        while not stop.is_set():
+            event_queue_consume(consumer="c1", count=20, block_ms=20)
+
+    threads = [threading.Thread(target=reconcile), threading.Thread(target=consume)]
+    for thread in threads:
+        thread.start()
+    try:
+        for n in range(600):
+            event_queue_publish(event_type="test.record", payload=record(n), weight=1 + n % 4)
+        wait_until(lambda: event_queue_depth() == 0, timeout=30, interval=0.05, message="the queue to drain")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert len(drifts) > 10 and set(drifts) == {0}
+    assert counter() == 600 and get_redis().xlen(stream()) == 0

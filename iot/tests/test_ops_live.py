@@ -19,7 +19,7 @@ def test_ready_when_database_redis_and_a_worker_are_up(anonymous, platform):
         timeout=60,
         message="readiness (worker heartbeat)",
     )
-    assert response.json()["checks"] == {"database": "ok", "redis": "ok", "workers": "ok"}
+    assert response.json()["checks"] == {"database": "ok", "redis": "ok", "workers": "ok", "redis_policy": "ok"}
 
 
 def test_metrics_is_prometheus_text_aggregated_over_processes(api, anonymous):

@@ -254,3 +254,64 @@ def test_keys_expire_on_their_own():
     ):
         assert 0 < client.pttl(key) <= 61_000
     assert 0 < client.ttl(redis_key("ratelimit", "global")) <= 2
+
+
+# --- a lost key of a device's pair (DEL, or an evicting maxmemory-policy) -----------------------
+
+
+def _device_keys(device_id: str) -> tuple[str, str]:
+    return redis_key("ratelimit", "device", device_id, "log"), redis_key("ratelimit", "device", device_id, "total")
+
+
+def test_lost_total_is_recomputed_from_the_log(settings):
+    settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 10
+    device_id = device()
+    log_key, total_key = _device_keys(device_id)
+    client = get_redis()
+    assert sum(rate_limit_consume(device_id=device_id, points=p).allowed for p in (3, 3, 4)) == 3
+    client.delete(total_key)  # what an eviction of the total alone does
+    admitted = sum(rate_limit_consume(device_id=device_id, points=1).allowed for _ in range(10))
+    assert admitted == 0  # the old script admitted 10 more: 20 in one window against a limit of 10
+    assert int(client.get(total_key)) == 10 and client.zcard(log_key) == 3
+    assert 0 < client.pttl(total_key) <= client.pttl(log_key) + 5  # expires with its log, not later
+    peek = rate_limit_peek(device_id=device_id)
+    assert not peek.allowed and peek.remaining == 0 and peek.retry_after_seconds >= 59
+
+
+def test_lost_total_is_recomputed_without_the_entries_that_left_the_window(settings):
+    settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 10
+    device_id = device()
+    log_key, total_key = _device_keys(device_id)
+    client = get_redis()
+    now = redis_now_ms()
+    # Two entries of 4 points, one of them older than the window (60 s).
+    client.zadd(log_key, {"4:old": now - 61_000, "4:recent": now - 1_000})
+    client.pexpire(log_key, 61_000)
+    decision = rate_limit_consume(device_id=device_id, points=6)
+    assert decision.allowed and decision.remaining == 0
+    assert int(client.get(total_key)) == 10 and client.zcard(log_key) == 2
+
+
+def test_lost_log_keeps_the_total_until_a_window_after_the_last_admission(settings):
+    settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 10
+    device_id = device()
+    log_key, total_key = _device_keys(device_id)
+    client = get_redis()
+    assert rate_limit_consume(device_id=device_id, points=10).allowed
+    client.delete(log_key)  # the converse: the log evicted, the total kept
+    refused = rate_limit_consume(device_id=device_id, points=1)
+    assert not refused.allowed and refused.scope == "device" and refused.remaining == 0
+    assert 59 <= refused.retry_after_seconds <= 60  # the points free a window after they were taken
+    assert client.zrange(log_key, 0, -1) == [b"10:rebuilt"] and int(client.get(total_key)) == 10
+
+
+def test_lost_log_with_a_total_older_than_the_window_frees_it(settings):
+    settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 10
+    device_id = device()
+    log_key, total_key = _device_keys(device_id)
+    client = get_redis()
+    # A total whose last admission was more than a window ago (its TTL is window + 1 s from then).
+    client.set(total_key, 10, px=500)
+    decision = rate_limit_consume(device_id=device_id, points=10)
+    assert decision.allowed and decision.remaining == 0
+    assert int(client.get(total_key)) == 10 and client.zcard(log_key) == 1

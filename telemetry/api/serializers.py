@@ -1,3 +1,4 @@
+from django.conf import settings
 from rest_framework import serializers
 
 from iot.api.serializers import StrictInputSerializer, StrictRegexField
@@ -32,9 +33,12 @@ class TelemetryQuerySerializer(StrictInputSerializer):
 
 
 # --- OpenAPI only (the ingestion bodies are validated by telemetry.api.validation) ---------
+# Strict like the validator: unknown fields are refused, so the schema says additionalProperties: false.
 
 
-class PointInSerializer(serializers.Serializer):
+class PointInSerializer(StrictInputSerializer):
+    """One point of one device."""
+
     device_id = serializers.UUIDField()
     timestamp = serializers.DateTimeField(help_text="ISO 8601; without an offset it means UTC.")
     metric = serializers.RegexField(rf"^{METRIC_PATTERN}$", max_length=METRIC_MAX_LENGTH)
@@ -42,12 +46,21 @@ class PointInSerializer(serializers.Serializer):
 
 
 class BatchPointInSerializer(PointInSerializer):
+    """A point of a batch (its device is the batch's)."""
+
     device_id = serializers.UUIDField(required=False, help_text="Optional; must equal the batch's device_id.")
 
 
-class BatchInSerializer(serializers.Serializer):
+class BatchInSerializer(StrictInputSerializer):
+    """Points of one device, stored all or nothing."""
+
     device_id = serializers.UUIDField()
-    points = BatchPointInSerializer(many=True, help_text="1 to TELEMETRY_BATCH_MAX_POINTS (default 1000) points.")
+    points = BatchPointInSerializer(
+        many=True,
+        min_length=1,
+        max_length=settings.TELEMETRY_BATCH_MAX_POINTS,
+        help_text=f"1 to TELEMETRY_BATCH_MAX_POINTS ({settings.TELEMETRY_BATCH_MAX_POINTS}) points.",
+    )
 
 
 class AcceptedSerializer(serializers.Serializer):

@@ -10,14 +10,16 @@ e.g. `{"points[3].timestamp": ["Must be an ISO 8601 timestamp ..."]}` (at most
 Status scheme (also in the OpenAPI description of the views):
 
 * 400: the body is malformed: not an object, a field missing, unknown or of the
-  wrong type, a value that is not a finite number, a timestamp that does not
-  parse, a bad metric name, an empty or oversized batch, a point whose
-  `device_id` differs from the batch's;
+  wrong type (whatever JSON type: an object or list where a metric name belongs
+  is a 400 like any other), a value that is not a finite number, a timestamp
+  that does not parse or whose UTC time is outside years 1-9999, a bad metric
+  name, an empty or oversized batch, a point whose `device_id` differs from the
+  batch's;
 * 422 (`TelemetryOutOfWindow`): well-formed but not acceptable: a timestamp more
   than `TELEMETRY_MAX_FUTURE_SECONDS` ahead of the server clock or older than
   the retention (`TELEMETRY_RETENTION_SECONDS`). Unknown / decommissioned
-  devices and batches larger than the per-device rate limit are 422 too (found
-  by the service).
+  devices are 422 too (found by the service); a batch larger than the
+  per-device rate limit is a 429 `batch_exceeds_limit` (see the views).
 """
 
 import math
@@ -80,7 +82,8 @@ def parse_device_id(raw) -> uuid.UUID | None:
 
 def parse_timestamp(raw) -> datetime | None:
     """An aware UTC datetime from an ISO 8601 string (naive means UTC), or None."""
-    if not isinstance(raw, str) or len(raw) > TIMESTAMP_MAX_LENGTH:
+    # CPython's fromisoformat ignores one trailing NUL ("...00:00\x00" parses): refused here.
+    if not isinstance(raw, str) or len(raw) > TIMESTAMP_MAX_LENGTH or "\x00" in raw:
         return None
     try:
         parsed = datetime.fromisoformat(raw)
@@ -89,9 +92,10 @@ def parse_timestamp(raw) -> datetime | None:
             parsed = datetime.fromisoformat(raw + "+00:00")
             if parsed.tzinfo is None:  # date-only forms ignore the suffix
                 parsed = parsed.replace(tzinfo=UTC)
-    except ValueError:
+        # OverflowError: an offset moving it past year 1 or 9999 in UTC ("9999-12-31T23:59:59-01:00").
+        return parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)
 
 
 def parse_value(raw) -> float | None:
@@ -207,7 +211,8 @@ def validate_batch(data) -> PointColumns:
             errors.add(f"points[{index}].timestamp", message)
         timestamps[index] = ts
         metric = point.get("metric")
-        if metric not in good_metrics:
+        # The type test comes first: an object or list is unhashable and cannot be looked up in a set.
+        if type(metric) is not str or metric not in good_metrics:
             if type(metric) is str and _metric_ok(metric):
                 good_metrics.add(metric)
             else:

@@ -6,28 +6,41 @@ Status codes of ingestion:
 * 400 malformed body (shape, types, non-finite value, unparsable timestamp, bad
   metric, empty/oversized batch, a point's device_id differing from the batch's);
 * 401 no/invalid credentials; 403 a device sending for another device;
+* 409 a request with the same `Idempotency-Key` is still in flight after the
+  bounded wait; 422 the same key was used with another body;
 * 422 well-formed but unacceptable: unknown or decommissioned device, timestamp
-  outside [now - retention, now + TELEMETRY_MAX_FUTURE_SECONDS], a batch with
-  more points than the per-device rate limit (it could never be admitted);
-* 429 rate limit used up (`Retry-After`, `X-RateLimit-Limit/-Remaining`) or the
-  event queue past its warning threshold (`Retry-After`);
+  outside [now - retention, now + TELEMETRY_MAX_FUTURE_SECONDS];
+* 429 rate limit used up (`code: rate_limited`, `Retry-After`,
+  `X-RateLimit-Limit/-Remaining`), the event queue past its warning threshold
+  (`code: busy`, `Retry-After`), or a batch with more points than the device's
+  whole window (`code: batch_exceeds_limit`, with `limit` and `points`, and no
+  `Retry-After`: it can never be admitted, only split);
 * 503 event queue past its critical threshold (`Retry-After`), or Postgres/Redis
   unreachable.
 
-Nothing is stored for any answer but 202.
+Nothing is stored for any answer but 202. With an `Idempotency-Key` (same
+semantics as registration), a retried request is stored once: its retry gets the
+first 202 again with `Idempotent-Replayed: true`. Refusals are not kept for
+replay, so a retry after a 429/503 is tried afresh.
 """
 
 import re
 import uuid
 
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from django.conf import settings
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import APIException, NotFound, ParseError, PermissionDenied, ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from devices.selectors import device_get
+from iot.api.exceptions import Refusal
 from iot.api.permissions import IsOperatorOrDevice, is_device
+from iot.api.schema import BAD_QUERY, UNSUPPORTED_MEDIA, error_responses
+from iot.idempotency.http import HEADER as IDEMPOTENCY_HEADER
+from iot.idempotency.http import idempotent_response
 from telemetry import selectors, services
 from telemetry.api.parsers import StrictJSONParser
 from telemetry.api.serializers import (
@@ -40,28 +53,40 @@ from telemetry.api.serializers import (
 )
 from telemetry.api.validation import METRIC_PATTERN, TelemetryOutOfWindow, validate_batch, validate_point
 from telemetry.metrics import count_points
+from telemetry.models import METRIC_MAX_LENGTH
 
 _metric_ok = re.compile(METRIC_PATTERN).fullmatch
 
-INGEST_RESPONSES = {
-    400: OpenApiResponse(description="Malformed body; the answer maps each bad field (e.g. `points[3].value`)."),
-    403: OpenApiResponse(description="A device may only send its own telemetry."),
-    422: OpenApiResponse(
-        description="Unknown or decommissioned device, timestamp outside the accepted window, "
-        "or more points than the per-device rate limit."
-    ),
-    429: OpenApiResponse(description="Rate limit used up, or event queue past its warning threshold."),
-    503: OpenApiResponse(description="Event queue past its critical threshold, or a backing service is down."),
-}
+INGEST_RESPONSES = error_responses(
+    {
+        400: "Malformed body; the answer maps each bad field (e.g. `points[3].value`).",
+        403: "A device may only send its own telemetry.",
+        409: "A request with the same Idempotency-Key is still in flight; retry.",
+        415: UNSUPPORTED_MEDIA,
+        422: "Unknown or decommissioned device, timestamp outside the accepted window, "
+        "or an Idempotency-Key reused with a different body.",
+        429: "`code` says which: `rate_limited` (Retry-After, X-RateLimit-*), `busy` (event queue past "
+        "its warning threshold; Retry-After), or `batch_exceeds_limit`: more points than the device may send "
+        "in a whole window, which can never pass (no Retry-After; `limit` and `points` in the body).",
+        503: "Event queue past its critical threshold, or a backing service is down.",
+    }
+)
+
+INGEST_PARAMETERS = [
+    OpenApiParameter(
+        IDEMPOTENCY_HEADER,
+        str,
+        OpenApiParameter.HEADER,
+        required=False,
+        description="Makes a retry safe: a request repeated with the same key and body is stored once "
+        "and answered with the first 202 (`Idempotent-Replayed: true`).",
+    )
+]
 
 
 class Unprocessable(APIException):
     status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
     default_code = "unprocessable"
-
-
-def _refusal(status_code: int, detail: str, headers: dict[str, str], **extra) -> Response:
-    return Response({"detail": detail, **extra}, status=status_code, headers=headers)
 
 
 def _rate_limit_headers(decision) -> dict[str, str]:
@@ -71,6 +96,57 @@ def _rate_limit_headers(decision) -> dict[str, str]:
 def _points_in(data) -> int:
     points = data.get("points") if isinstance(data, dict) else None
     return len(points) if isinstance(points, list) else 1
+
+
+def _refusal(exc: services.TelemetryRejected) -> APIException:
+    """The HTTP answer to a refusal of the ingestion service (nothing was stored)."""
+    if isinstance(exc, services.TelemetryBackpressure):
+        critical = exc.admission.state == "critical"
+        return Refusal(
+            "The platform is overloaded; retry later." if critical else "The platform is busy; slow down.",
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE if critical else status.HTTP_429_TOO_MANY_REQUESTS,
+            code="overloaded" if critical else "busy",
+            headers={"Retry-After": str(max(exc.admission.retry_after_seconds, 1))},
+        )
+    if isinstance(exc, services.TelemetryBatchOverLimit):
+        # A 429 because the seed's clients expect one for an oversized burst, but with no
+        # Retry-After: waiting never helps; only a smaller batch (or a higher limit) does.
+        limit = exc.decision.limit
+        return Refusal(
+            f"{exc.points} points can never fit the per-device limit of {limit} points per "
+            f"{settings.RATE_LIMIT_WINDOW_SECONDS} s; split the batch.",
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            code="batch_exceeds_limit",
+            headers=_rate_limit_headers(exc.decision),
+            limit=limit,
+            points=exc.points,
+        )
+    if isinstance(exc, services.TelemetryRateLimited):
+        decision = exc.decision
+        return Refusal(
+            f"Rate limit exceeded (device): at most {decision.limit} points per device per window."
+            if decision.scope == "device"
+            else "Global telemetry rate limit exceeded; retry in a moment.",
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            code="rate_limited",
+            headers={"Retry-After": str(max(decision.retry_after_seconds, 1)), **_rate_limit_headers(decision)},
+            scope=decision.scope,
+        )
+    if isinstance(exc, services.TelemetryRetryLater):
+        return Refusal(
+            str(exc),
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            code="retry_later",
+            headers={"Retry-After": "1"},
+        )
+    return Unprocessable({"device_id": [str(exc)]})
+
+
+_OUTCOMES = {
+    services.TelemetryBackpressure: "backpressure",
+    services.TelemetryRetryLater: "backpressure",
+    services.TelemetryRateLimited: "rate_limited",
+}
 
 
 class _IngestView(APIView):
@@ -93,46 +169,32 @@ class _IngestView(APIView):
         if is_device(request.user) and request.user.device_id != batch.device_id:
             raise PermissionDenied("A device may only send its own telemetry.")
         points = len(batch)
-        try:
-            result = services.telemetry_points_ingest(batch=batch)
-        except services.TelemetryBackpressure as exc:
-            count_points(outcome="backpressure", points=points)
-            critical = exc.admission.state == "critical"
-            return _refusal(
-                status.HTTP_503_SERVICE_UNAVAILABLE if critical else status.HTTP_429_TOO_MANY_REQUESTS,
-                "The platform is overloaded; retry later." if critical else "The platform is busy; slow down.",
-                {"Retry-After": str(max(exc.admission.retry_after_seconds, 1))},
-            )
-        except services.TelemetryRateLimited as exc:
-            count_points(outcome="rate_limited", points=points)
-            decision = exc.decision
-            return _refusal(
-                status.HTTP_429_TOO_MANY_REQUESTS,
-                f"Rate limit exceeded ({decision.scope}): at most {decision.limit} points per device per window."
-                if decision.scope == "device"
-                else "Global telemetry rate limit exceeded; retry in a moment.",
-                {"Retry-After": str(max(decision.retry_after_seconds, 1)), **_rate_limit_headers(decision)},
-                scope=decision.scope,
-            )
-        except services.TelemetryBatchOverLimit as exc:
-            count_points(outcome="invalid", points=points)
-            limit = exc.decision.limit
-            raise Unprocessable(
-                {"points": [f"{exc.points} points can never fit the per-device limit of {limit} per window."]}
-            ) from exc
-        except (services.TelemetryUnknownDevice, services.TelemetryDeviceDecommissioned) as exc:
-            count_points(outcome="invalid", points=points)
-            raise Unprocessable({"device_id": [str(exc)]}) from exc
-        count_points(outcome="accepted", points=points)
-        return Response(
-            self.accepted_body(result), status=status.HTTP_202_ACCEPTED, headers=_rate_limit_headers(result.rate_limit)
-        )
+        accepted: list[services.IngestResult] = []
+
+        def ingest() -> tuple[int, dict]:
+            try:
+                result = services.telemetry_points_ingest(batch=batch)
+            except services.TelemetryRejected as exc:
+                count_points(outcome=_OUTCOMES.get(type(exc), "invalid"), points=points)
+                raise _refusal(exc) from exc
+            count_points(outcome="accepted", points=points)
+            accepted.append(result)
+            return status.HTTP_202_ACCEPTED, self.accepted_body(result)
+
+        # With an `Idempotency-Key`, a retry of a stored request replays its 202 and stores
+        # nothing more; only 202s are kept for replay (a refusal raises, which rolls the key back).
+        response = idempotent_response(request, ingest)
+        if accepted:
+            for name, value in _rate_limit_headers(accepted[0].rate_limit).items():
+                response[name] = value
+        return response
 
 
 class TelemetryPointView(_IngestView):
     @extend_schema(
         request=PointInSerializer,
         responses={202: AcceptedSerializer, **INGEST_RESPONSES},
+        parameters=INGEST_PARAMETERS,
         description="Store one point. 202 means it is committed. See the status scheme in the module docs.",
     )
     def post(self, request):
@@ -149,6 +211,7 @@ class TelemetryBatchView(_IngestView):
     @extend_schema(
         request=BatchInSerializer,
         responses={202: BatchAcceptedSerializer, **INGEST_RESPONSES},
+        parameters=INGEST_PARAMETERS,
         description="Store a batch of one device's points, all or nothing, in one statement. "
         "The rate limit counts points: a batch of n uses n.",
     )
@@ -177,12 +240,25 @@ def _readable_device(request, raw_device_id: str) -> uuid.UUID:
     return device_id
 
 
+READ_NOT_FOUND = "Unknown device (a malformed id names none either)."
+DEVICE_ID = OpenApiParameter("device_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The device's id.")
+
+
 class TelemetryQueryView(APIView):
     permission_classes = [IsOperatorOrDevice]
 
     @extend_schema(
-        parameters=[TelemetryQuerySerializer],
-        responses={200: TelemetryPointSerializer(many=True)},
+        parameters=[DEVICE_ID, TelemetryQuerySerializer],
+        responses={
+            200: TelemetryPointSerializer(many=True),
+            **error_responses(
+                {
+                    400: f"{BAD_QUERY} Or `end_time` before `start_time`.",
+                    403: "A device may only read its own telemetry.",
+                    404: READ_NOT_FOUND,
+                }
+            ),
+        },
         description="A device's points, newest first (limit 1-1000, default 100). Unknown device: 404.",
     )
     def get(self, request, device_id: str):
@@ -197,8 +273,21 @@ class TelemetryLatestView(APIView):
     permission_classes = [IsOperatorOrDevice]
 
     @extend_schema(
-        parameters=[OpenApiParameter("metric", str, OpenApiParameter.PATH)],
-        responses={200: TelemetryPointSerializer, 404: OpenApiResponse(description="Unknown device or no point.")},
+        parameters=[
+            DEVICE_ID,
+            OpenApiParameter(
+                "metric",
+                {"type": "string", "pattern": f"^{METRIC_PATTERN}$", "maxLength": METRIC_MAX_LENGTH},
+                OpenApiParameter.PATH,
+                description="A metric name; it may contain `/`.",
+            ),
+        ],
+        responses={
+            200: TelemetryPointSerializer,
+            **error_responses(
+                {403: "A device may only read its own telemetry.", 404: f"{READ_NOT_FOUND} Or no point of it."}
+            ),
+        },
         description="The newest point of one metric of a device.",
     )
     def get(self, request, device_id: str, metric: str):

@@ -114,3 +114,91 @@ def test_partition_days_are_utc_days():
     evening_in_new_york = datetime(2024, 1, 31, 23, 30, tzinfo=dt_timezone(timedelta(hours=-5)))  # 04:30 UTC on Feb 1
     window = telemetry_partition_window(now=evening_in_new_york)
     assert window.last == date(2024, 2, 1) + timedelta(days=settings.TELEMETRY_PARTITION_PREMAKE_DAYS)
+
+
+# --- Ingestion racing partition maintenance ---------------------------------------------------
+
+
+def _ingest_while_a_partition_is_attached(caller_transaction: bool):
+    """Force the race: the day's partition is created and attached in a transaction that holds
+    the DEFAULT partition's lock while an insert for that day waits on it, then commits."""
+    import threading
+    import uuid as uuid_module
+
+    import psycopg
+
+    from devices.services import device_register
+    from iot.testing.processes import psycopg_conninfo, wait_until
+    from telemetry.services import PointColumns, _create_partition, telemetry_points_ingest
+
+    device = device_register(
+        serial_number=f"PART-{uuid_module.uuid4().hex}", device_type="sensor", firmware_version="1.0"
+    ).device
+    day = (timezone.now() - timedelta(days=10)).date()
+    ts = datetime.combine(day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=12)
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {partition_name(day)}")  # the day has no partition now
+
+    maintenance = psycopg.connect(**psycopg_conninfo(connection.settings_dict))
+    maintenance.execute(f"LOCK TABLE {DEFAULT_PARTITION} IN ACCESS EXCLUSIVE MODE")  # what _create_partition takes
+    outcome = {}
+
+    def ingest():
+        from django.db import connection as thread_connection
+        from django.db import transaction
+
+        try:
+            batch = PointColumns(device_id=device.pk, metrics=["m"], timestamps=[ts], values=[1.0])
+            if caller_transaction:
+                with transaction.atomic():
+                    telemetry_points_ingest(batch=batch)
+            else:
+                telemetry_points_ingest(batch=batch)
+            outcome["result"] = "stored"
+        except Exception as exc:
+            outcome["result"] = exc
+        finally:
+            thread_connection.close()
+
+    worker = threading.Thread(target=ingest)
+    worker.start()
+    try:
+        wait_until(
+            lambda: maintenance.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE c.relname = %s AND NOT l.granted",
+                [DEFAULT_PARTITION],
+            ).fetchone()[0],
+            timeout=10,
+            message="the insert waiting on the DEFAULT partition",
+        )
+        # Finish what _create_partition does, on the connection that holds the lock, and commit.
+        name = partition_name(day)
+        low, high = f"'{day.isoformat()} 00:00:00+00'", f"'{(day + timedelta(days=1)).isoformat()} 00:00:00+00'"
+        maintenance.execute(f"CREATE TABLE {name} (LIKE {TABLE} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+        maintenance.execute(f"ALTER TABLE {TABLE} ATTACH PARTITION {name} FOR VALUES FROM ({low}) TO ({high})")
+        maintenance.commit()
+    finally:
+        maintenance.close()
+        worker.join(30)
+    assert _create_partition  # the steps above mirror it
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM {partition_name(day)} WHERE device_id = %s", [device.pk])
+        stored = cursor.fetchone()[0]
+    return outcome["result"], stored
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_insert_that_meets_an_attach_is_retried_and_stored():
+    result, stored = _ingest_while_a_partition_is_attached(caller_transaction=False)
+    assert result == "stored", result
+    assert stored == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_inside_a_callers_transaction_the_race_is_a_retry_later_not_an_error():
+    from telemetry.services import TelemetryRetryLater
+
+    result, stored = _ingest_while_a_partition_is_attached(caller_transaction=True)
+    assert isinstance(result, TelemetryRetryLater), result
+    assert stored == 0

@@ -8,6 +8,7 @@ import pytest
 import redis
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.db import transaction
 
 from devices.models import Device
 from devices.services import device_register, device_update
@@ -48,10 +49,12 @@ def published(monkeypatch):
     return sent
 
 
-def test_ingest_stores_marks_seen_and_publishes_after_commit(device, published):
+def test_ingest_stores_marks_seen_and_publishes_after_commit(device, published, django_capture_on_commit_callbacks):
     batch = columns(device.pk, [("t", recent(2), 1.0), ("t", recent(1), 2.0), ("h", recent(1), 3.0)])
-    result = services.telemetry_points_ingest(batch=batch)
-    assert result.count == 3 and result.event_published
+    with django_capture_on_commit_callbacks(execute=True):
+        result = services.telemetry_points_ingest(batch=batch)
+        assert published == [], "published before the commit"
+    assert result.count == 3
     assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 3
     device.refresh_from_db()
     assert device.status == "active" and device.last_seen is not None
@@ -67,17 +70,29 @@ def test_ingest_stores_marks_seen_and_publishes_after_commit(device, published):
 @pytest.mark.parametrize(
     ("failure", "reason"), [(EventQueueFull("full"), "queue_full"), (redis.ConnectionError("down"), "redis_error")]
 )
-def test_failed_publish_after_commit_keeps_the_points(device, monkeypatch, failure, reason):
+def test_failed_publish_after_commit_keeps_the_points(
+    device, monkeypatch, failure, reason, django_capture_on_commit_callbacks
+):
     def publish(**kwargs):
         raise failure
 
     monkeypatch.setattr(services, "event_queue_publish", publish)
     lost = EVENTS_LOST.labels(reason=reason)
     before = lost._value.get()
-    result = services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
-    assert not result.event_published
+    with django_capture_on_commit_callbacks(execute=True):
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
     assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 1
     assert lost._value.get() == before + 1
+
+
+def test_a_caller_that_rolls_back_publishes_nothing(device, published, django_capture_on_commit_callbacks):
+    """Publishing is tied to the commit, not to the call order: a rolled-back ingestion never publishes."""
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        with pytest.raises(RuntimeError), transaction.atomic():
+            services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
+            raise RuntimeError("the caller fails after ingesting")
+    assert callbacks == [] and published == []
+    assert not TelemetryPoint.objects.filter(device_id=device.pk).exists()
 
 
 def test_unknown_device_stores_nothing(published):
@@ -95,9 +110,10 @@ def test_decommissioned_device_stores_nothing(device, published):
     assert not TelemetryPoint.objects.filter(device_id=device.pk).exists()
 
 
-def test_rate_limit_refusal_stores_nothing(device, published, settings):
+def test_rate_limit_refusal_stores_nothing(device, published, settings, django_capture_on_commit_callbacks):
     settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 2
-    services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0), ("t", recent(1), 2.0)]))
+    with django_capture_on_commit_callbacks(execute=True):
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0), ("t", recent(1), 2.0)]))
     with pytest.raises(services.TelemetryRateLimited) as refused:
         services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 3.0)]))
     assert refused.value.decision.scope == "device"

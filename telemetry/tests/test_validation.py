@@ -128,3 +128,33 @@ def test_batch_cap_is_checked_before_looking_at_points(settings):
     with pytest.raises(ValidationError) as error:
         validate_batch({"device_id": DEVICE, "points": [None] * 4})
     assert error.value.detail == {"points": ["At most 3 points per batch, got 4; split it."]}
+
+
+@pytest.mark.parametrize("metric", [{"name": "t"}, ["t"], [], {}, None, 1.5, True])
+def test_a_batch_metric_of_any_json_type_is_a_400_not_a_crash(metric):
+    """Objects and lists are unhashable: looking them up among the good names raised TypeError (a 500)."""
+    points = [
+        {"timestamp": recent(), "metric": "ok", "value": 1},
+        {"timestamp": recent(), "metric": metric, "value": 1},
+    ]
+    with pytest.raises(ValidationError) as error:
+        validate_batch({"device_id": DEVICE, "points": points})
+    assert list(error.value.detail) == ["points[1].metric"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "9999-12-31T23:59:59-01:00",
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59.999999-23:59",
+        "2024-05-01T12:00:00\x00",
+        "2024-05-01T12:00:00Z\x00",
+        "2024-05-01\x00",
+    ],
+)
+def test_timestamps_outside_utc_years_or_with_nul_are_refused(raw):
+    assert parse_timestamp(raw) is None
+    with pytest.raises(ValidationError) as error:
+        validate_point({"device_id": DEVICE, "timestamp": raw, "metric": "t", "value": 1})
+    assert list(error.value.detail) == ["timestamp"]

@@ -9,6 +9,7 @@ from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
+from iot.idempotency.crypto import response_body_encrypt
 from iot.idempotency.models import IdempotencyKey
 from iot.idempotency.services import (
     IdempotencyKeyInFlight,
@@ -93,9 +94,9 @@ def _hold_key_in_open_transaction(scope, key, fingerprint, holding, release):
             holding.set()
             release.wait(30)
             other.execute(
-                f"UPDATE {IdempotencyKey._meta.db_table} SET response_status = 201, response_body = %s"
+                f"UPDATE {IdempotencyKey._meta.db_table} SET response_status = 201, response_body_encrypted = %s"
                 " WHERE scope = %s AND key = %s",
-                [psycopg.types.json.Jsonb({"from": "first"}), scope, key],
+                [response_body_encrypt(body={"from": "first"}), scope, key],
             )
 
 

@@ -35,10 +35,12 @@ manage: $(STAMP)
 ## test: the whole suite on real Postgres and Redis (PYTEST_ARGS to narrow it)
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(SERVICES) --instance test run -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## lint: ruff, and the app boundaries (import-linter contracts in pyproject.toml)
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-cache --no-logo
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -12,8 +12,9 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from iot.redis import get_redis
 from iot.testing.processes import Platform, database_url, http_client, platform_env, start_web, start_worker
+from iot.testing.redis import redis_namespace as redis_namespace_of
+from iot.testing.redis import redis_prefix_flush, redis_prefix_new
 
 
 @pytest.hookimpl(trylast=True)
@@ -31,16 +32,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.django_db)
 
 
-def _flush_test_namespace() -> None:
-    client = get_redis()
-    for key in client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:*", count=1000):
-        client.delete(key)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _redis_namespace():
-    _flush_test_namespace()
-    yield
+    """The session's keys start from nothing (the namespace is `REDIS_KEY_PREFIX`, e.g. one per engineer)."""
+    redis_prefix_flush(settings.REDIS_KEY_PREFIX)
+
+
+@pytest.fixture
+def redis_namespace(settings):
+    """A Redis namespace of this test's own: `REDIS_KEY_PREFIX` set to a fresh prefix under the session's for
+    the test (its stream, counters, windows shared with nothing), emptied afterwards; yields the prefix."""
+    with redis_namespace_of(redis_prefix_new(settings.REDIS_KEY_PREFIX, "ns")) as prefix:
+        settings.REDIS_KEY_PREFIX = prefix
+        yield prefix
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +68,10 @@ def platform(django_db_setup, django_db_blocker, platform_logs):
 
 @pytest.fixture(scope="session")
 def operator_token(django_db_setup, django_db_blocker) -> str:
-    from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+    from iot.testing.factories import operator_token_create
 
     with django_db_blocker.unblock():
-        user, _ = get_user_model().objects.get_or_create(username="operator")
-        token, _ = Token.objects.get_or_create(user=user)
-        return token.key
+        return operator_token_create(username="operator").key
 
 
 @pytest.fixture(scope="session")

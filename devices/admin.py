@@ -1,6 +1,8 @@
 from django import forms
 from django.contrib import admin, messages
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.urls import NoReverseMatch, reverse
+from django.utils.html import format_html
 
 from devices.models import Device, DeviceStatus
 from devices.services import device_bulk_delete, device_bulk_update, device_delete, device_update
@@ -21,10 +23,11 @@ class DeviceAdmin(admin.ModelAdmin):
     ordering = ("-registered_at",)
     list_per_page = 100
     show_full_result_count = False  # COUNT(*) over a large fleet on every page load is what makes admins crawl
-    readonly_fields = ("id", "serial_number", "registered_at", "last_seen", "updated_at", "version")
+    readonly_fields = ("id", "serial_number", "telemetry", "registered_at", "last_seen", "updated_at", "version")
     fields = (
         "id",
         "serial_number",
+        "telemetry",
         "device_type",
         "firmware_version",
         "status",
@@ -44,6 +47,26 @@ class DeviceAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         # Devices register themselves through the API (which issues their credential).
         return False
+
+    def add_view(self, request, form_url="", extra_context=None):
+        # The add button is hidden; someone who follows an old link or types the URL is told
+        # how devices get registered, on the list, rather than shown a bare "403 Forbidden".
+        self.message_user(
+            request,
+            "Devices are not added here: a device registers through the API (POST /devices, see /api/docs), "
+            "which issues its credential.",
+            messages.WARNING,
+        )
+        return redirect("admin:devices_device_changelist")
+
+    @admin.display(description="Telemetry")
+    def telemetry(self, obj):
+        # By URL name: the devices app does not import the telemetry app that builds on it.
+        try:
+            url = reverse("admin:telemetry_telemetrypoint_changelist")
+        except NoReverseMatch:
+            return "-"
+        return format_html('<a href="{}?q={}">Recent points of this device</a>', url, obj.pk)
 
     # Deleting goes through the service, which makes every process forget the device at
     # once; the ORM's delete would leave it in the read cache (readable, and its credential

@@ -32,8 +32,12 @@ def device_get(*, device_id: uuid.UUID) -> Device | None:
     return device
 
 
-def device_list(*, group_id: str | None = None, status: str | None = None) -> QuerySet[Device]:
+def device_list(
+    *, serial_number: str | None = None, group_id: str | None = None, status: str | None = None
+) -> QuerySet[Device]:
     devices = Device.objects.all()
+    if serial_number is not None:
+        devices = devices.filter(serial_number=serial_number)  # the unique index: at most one row
     if group_id is not None:
         devices = devices.filter(group_id=group_id)
     if status is not None:
@@ -41,13 +45,18 @@ def device_list(*, group_id: str | None = None, status: str | None = None) -> Qu
     return devices
 
 
+def device_serial_numbers(*, device_ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """Serial numbers by device id, in one query (for lists of other apps' rows that carry only the id)."""
+    if not device_ids:
+        return {}
+    return dict(Device.objects.filter(pk__in=device_ids).values_list("id", "serial_number"))
+
+
 # A credential belongs to one device for good (tokens are never reassigned), so
-# the token -> device id mapping can be cached without invalidation; the
-# device's state (decommissioned? deleted?) still comes from the version-guarded
-# cache, so a mapping that outlives its device resolves to nothing.
-DEVICE_TOKEN_CACHE_TTL_SECONDS = 3600
-
-
+# the token -> device id mapping can be cached without invalidation (for
+# DEVICE_TOKEN_CACHE_TTL_SECONDS); the device's state (decommissioned? deleted?)
+# still comes from the version-guarded cache, so a mapping that outlives its
+# device resolves to nothing.
 def device_get_by_token_hash(*, token_hash: str) -> Device | None:
     """The device a credential belongs to (two Redis reads on the hot path, no SQL)."""
     client = get_redis()
@@ -58,5 +67,14 @@ def device_get_by_token_hash(*, token_hash: str) -> Device | None:
     device_id = Device.objects.filter(token_hash=token_hash).values_list("id", flat=True).first()
     if device_id is None:
         return None
-    client.set(key, str(device_id), ex=DEVICE_TOKEN_CACHE_TTL_SECONDS)
+    client.set(key, str(device_id), ex=settings.DEVICE_TOKEN_CACHE_TTL_SECONDS)
     return device_get(device_id=device_id)
+
+
+def device_status_get(*, device_id: uuid.UUID) -> str | None:
+    """The device's status from Postgres (not the cache), or None if no device has this id.
+
+    For the error path of a write that found no live device (`devices.sql.device_live_sql`):
+    it tells "unknown" from "decommissioned", read in the writer's transaction.
+    """
+    return Device.objects.filter(pk=device_id).values_list("status", flat=True).first()

@@ -20,7 +20,23 @@ from django.utils import timezone
 
 from devices.cache import device_cache_invalidate, device_token_cache_key
 from devices.models import Device, DeviceStatus
+from iot.errors import ServiceError
 from iot.redis import get_redis
+
+
+class DeviceNotFound(ServiceError, Device.DoesNotExist):
+    """No device has this id (404).
+
+    Also a `Device.DoesNotExist`, so a caller that catches the ORM's exception (the
+    admin) needs no second clause.
+    """
+
+    status_code = 404
+    default_detail = "No device with this id."
+
+    def __init__(self, device_id: uuid.UUID) -> None:
+        super().__init__()
+        self.device_id = device_id
 
 
 @dataclass(frozen=True)
@@ -102,14 +118,14 @@ UPDATABLE_FIELDS = frozenset({"location", "status", "group_id", "metadata", "dev
 def device_update(*, device_id: uuid.UUID, changes: dict[str, Any]) -> Device:
     """Set the given fields (a sent field replaces its value) and return the new row.
 
-    Raises `Device.DoesNotExist` for an unknown id.
+    Raises `DeviceNotFound` for an unknown id.
     """
     unknown = set(changes) - UPDATABLE_FIELDS
     if unknown:
         raise ValueError(f"not updatable: {sorted(unknown)}")
     updated = Device.objects.filter(pk=device_id).update(**changes, version=F("version") + 1, updated_at=timezone.now())
     if not updated:
-        raise Device.DoesNotExist(device_id)
+        raise DeviceNotFound(device_id)
     device = Device.objects.get(pk=device_id)
     device_cache_invalidate(device_id=device.pk, version=device.version)
     return device
@@ -173,24 +189,27 @@ def device_bulk_delete(*, device_ids: list[uuid.UUID]) -> int:
 
 
 def device_delete(*, device_id: uuid.UUID) -> None:
-    """Delete one device (see `device_bulk_delete`). Raises `Device.DoesNotExist` for an unknown id."""
+    """Delete one device (see `device_bulk_delete`). Raises `DeviceNotFound` for an unknown id."""
     if not device_bulk_delete(device_ids=[device_id]):
-        raise Device.DoesNotExist(device_id)
+        raise DeviceNotFound(device_id)
 
 
 # Telemetry touches `last_seen` at most this often per device, so a device
 # streaming many points a second costs one row update (and one cache refill) a second.
 LAST_SEEN_RESOLUTION_MS = 1000
 
+# The statuses a device leaves for `active` when its telemetry arrives; SQL literals made from the enum.
+_WAKING_STATUSES = ", ".join(f"'{status.value}'" for status in (DeviceStatus.REGISTERED, DeviceStatus.INACTIVE))
+
 _MARK_SEEN_SQL = f"""
 UPDATE devices_device
 SET last_seen = now(),
-    status = CASE WHEN status IN ('registered', 'inactive') THEN 'active' ELSE status END,
+    status = CASE WHEN status IN ({_WAKING_STATUSES}) THEN '{DeviceStatus.ACTIVE.value}' ELSE status END,
     version = version + 1
 WHERE id = ANY(%s)
   AND (last_seen IS NULL
        OR last_seen < now() - interval '{LAST_SEEN_RESOLUTION_MS} milliseconds'
-       OR status IN ('registered', 'inactive'))
+       OR status IN ({_WAKING_STATUSES}))
 RETURNING id, version
 """
 

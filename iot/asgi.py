@@ -1,6 +1,10 @@
-"""ASGI entry point: HTTP through the pooled WSGI bridge, WebSockets through Channels.
+"""ASGI entry point and composition root: HTTP through the pooled WSGI bridge, WebSockets through Channels.
 
 See `iot.asgi_bridge` for why HTTP is not served by Django's ASGI handler.
+
+Like `iot.urls` (HTTP routes), this module assembles the domain apps: it is where
+their WebSocket routes are listed. The rest of the shared package `iot` imports
+no app; the import-linter contracts in pyproject.toml hold both to that.
 """
 
 import os
@@ -15,7 +19,10 @@ from django.contrib.staticfiles.handlers import StaticFilesHandler  # noqa: E402
 
 from iot.asgi_bridge import pooled_http_application  # noqa: E402
 from iot.health import redis_policy_warn  # noqa: E402
-from iot.websocket import WebSocketAuthMiddleware, websocket_urlpatterns  # noqa: E402
+from iot.websocket import WebSocketAuthMiddleware  # noqa: E402
+from telemetry.routing import websocket_urlpatterns as telemetry_websocket_urlpatterns  # noqa: E402
+
+websocket_urlpatterns = [*telemetry_websocket_urlpatterns]
 
 application = ProtocolTypeRouter(
     {

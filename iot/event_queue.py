@@ -265,19 +265,19 @@ def _dead_key() -> str:
 
 
 def claim_idle_ms() -> int:
-    return int(getattr(settings, "EVENT_QUEUE_CLAIM_IDLE_MS", 30_000))
+    return settings.EVENT_QUEUE_CLAIM_IDLE_MS
 
 
 def max_deliveries() -> int:
-    return int(getattr(settings, "EVENT_QUEUE_MAX_DELIVERIES", 5))
+    return settings.EVENT_QUEUE_MAX_DELIVERIES
 
 
 def _dead_letter_max_len() -> int:
-    return int(getattr(settings, "EVENT_QUEUE_DEAD_LETTER_MAX_LEN", 10_000))
+    return settings.EVENT_QUEUE_DEAD_LETTER_MAX_LEN
 
 
 def _reconcile_max_entries() -> int:
-    return int(getattr(settings, "EVENT_QUEUE_RECONCILE_MAX_ENTRIES", 10_000))
+    return settings.EVENT_QUEUE_RECONCILE_MAX_ENTRIES
 
 
 # --- producers -----------------------------------------------------------------
@@ -559,7 +559,7 @@ def event_queue_dead_letters() -> int:
 def load_event_handlers(*, extra_modules: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Import every app's `events` module, plus `EVENT_HANDLER_MODULES` and `extra_modules`; return the types."""
     autodiscover_modules("events")
-    for module in [*getattr(settings, "EVENT_HANDLER_MODULES", []), *extra_modules]:
+    for module in [*settings.EVENT_HANDLER_MODULES, *extra_modules]:
         import_module(module)
     return registered_event_types()
 

@@ -2,7 +2,9 @@
 
 With several web/worker processes, `prometheus_client` aggregates through files
 in `PROMETHEUS_MULTIPROC_DIR` (set by `make web`/`make run` and the test
-server); without it (a single process) the default registry is used. Values
+server; prometheus_client reads the variable itself when a metric is made, the
+setting carries the same value); without it (a single process) the default
+registry is used. Values
 that live in Redis (queue depth, breaker states) are read at scrape time by a
 collector, so every process reports the same shared number.
 """
@@ -12,9 +14,10 @@ import time
 from collections.abc import Callable, Iterable
 
 import psutil
+from django.conf import settings
 from django.http import HttpResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 HTTP_REQUESTS = Counter("iot_http_requests_total", "HTTP requests served.", ["method", "route", "status"])
@@ -39,21 +42,34 @@ def register_shared_gauge(
     _shared_gauges[name] = (documentation, labels, read)
 
 
+# Counters kept in Redis, so the ones Celery workers count (they serve no /metrics, and may run with no
+# multiprocess directory or on other hosts) reach the web's scrape too. Exposed as `<name>_total`.
+_shared_counters: dict[str, tuple[str, list[str], Callable[[], dict[tuple[str, ...], float]]]] = {}
+
+
+def register_shared_counter(
+    name: str, documentation: str, labels: list[str], read: Callable[[], dict[tuple[str, ...], float]]
+) -> None:
+    """Expose a counter read at scrape time from shared storage (e.g. a Redis hash every process increments)."""
+    _shared_counters[name] = (documentation, labels, read)
+
+
 class _SharedStateCollector(Collector):
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        for name, (documentation, labels, read) in _shared_gauges.items():
-            family = GaugeMetricFamily(name, documentation, labels=labels)
-            try:
-                values = read()
-            except Exception:  # a scrape must not fail because a backend is down
-                values = {}
-            for label_values, value in values.items():
-                family.add_metric(list(label_values), value)
-            yield family
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        for kind, registered in ((GaugeMetricFamily, _shared_gauges), (CounterMetricFamily, _shared_counters)):
+            for name, (documentation, labels, read) in registered.items():
+                family = kind(name, documentation, labels=labels)
+                try:
+                    values = read()
+                except Exception:  # a scrape must not fail because a backend is down
+                    values = {}
+                for label_values, value in values.items():
+                    family.add_metric(list(label_values), value)
+                yield family
 
 
 def _registry() -> CollectorRegistry:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if settings.PROMETHEUS_MULTIPROC_DIR:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()

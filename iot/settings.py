@@ -38,6 +38,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "iot",
     "iot.idempotency",
@@ -198,10 +199,17 @@ if DEBUG:
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "IoT fleet platform API",
-    "DESCRIPTION": "Device registry, telemetry, firmware, alerts and fleet analytics.",
+    "DESCRIPTION": "Register devices, read and update them, send their telemetry and read it back. "
+    "Operators send `Authorization: Token <key>`; a device sends `Authorization: Device <token>` "
+    "(the `device_token` of its registration).",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI and Redoc from this server's static files (drf-spectacular-sidecar), not a CDN:
+    # the docs work without internet access.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Platform knobs (defaults equal the seed's) -------------------------------
@@ -216,6 +224,10 @@ TOKEN_CACHE_TTL_SECONDS = env.int("TOKEN_CACHE_TTL_SECONDS", default=300)
 # A cache fill computed from a database read older than this is refused, so a
 # reader that stalls between its read and its fill can never store old data.
 CACHE_FILL_MAX_AGE_MS = env.int("CACHE_FILL_MAX_AGE_MS", default=5000)
+# A device credential's hash -> device id, cached for authentication (devices/selectors.py). A
+# credential never moves to another device, so nothing invalidates the mapping; it ages out. The
+# device's own state is read through the version-guarded device cache on every request.
+DEVICE_TOKEN_CACHE_TTL_SECONDS = env.int("DEVICE_TOKEN_CACHE_TTL_SECONDS", default=3600)
 
 RATE_LIMIT_TELEMETRY_PER_DEVICE = env.int("RATE_LIMIT_TELEMETRY_PER_DEVICE", default=100)
 RATE_LIMIT_WINDOW_SECONDS = env.int("RATE_LIMIT_WINDOW_SECONDS", default=60)
@@ -224,7 +236,6 @@ RATE_LIMIT_GLOBAL_PER_SECOND = env.int("RATE_LIMIT_GLOBAL_PER_SECOND", default=1
 EVENT_QUEUE_MAX_SIZE = env.int("EVENT_QUEUE_MAX_SIZE", default=10_000)
 BACKPRESSURE_QUEUE_THRESHOLD = env.int("BACKPRESSURE_QUEUE_THRESHOLD", default=8_000)
 BACKPRESSURE_REJECT_THRESHOLD = env.int("BACKPRESSURE_REJECT_THRESHOLD", default=9_500)
-EVENT_BUS_WORKER_COUNT = env.int("EVENT_BUS_WORKER_COUNT", default=2)
 # A consumer's unacknowledged entry idle this long is reclaimed by another consumer.
 EVENT_QUEUE_CLAIM_IDLE_MS = env.int("EVENT_QUEUE_CLAIM_IDLE_MS", default=30_000)
 # An entry delivered this many times without success goes to the dead-letter stream.
@@ -235,10 +246,6 @@ EVENT_HANDLER_MODULES = env.list("EVENT_HANDLER_MODULES", default=[])
 
 TELEMETRY_RETENTION_SECONDS = env.int("TELEMETRY_RETENTION_SECONDS", default=30 * 24 * 3600)
 TELEMETRY_BATCH_MAX_POINTS = env.int("TELEMETRY_BATCH_MAX_POINTS", default=1000)
-
-CIRCUIT_BREAKER_FAILURE_THRESHOLD = env.int("CIRCUIT_BREAKER_FAILURE_THRESHOLD", default=5)
-CIRCUIT_BREAKER_TIMEOUT_SECONDS = env.int("CIRCUIT_BREAKER_TIMEOUT_SECONDS", default=60)
-CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS = env.int("CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS", default=3)
 
 # --- Observability ------------------------------------------------------------
 # With several worker processes, prometheus_client aggregates through files here.
@@ -291,3 +298,27 @@ CELERY_BEAT_SCHEDULE["event-queue-reconcile"] = {
     "task": "iot.tasks.event_queue_reconciliation",
     "schedule": EVENT_QUEUE_RECONCILE_INTERVAL_SECONDS,
 }
+
+# --- Circuit breaker (iot/circuit_breaker.py) ---
+# Consecutive failed calls that open a breaker (a success resets the count).
+CIRCUIT_BREAKER_FAILURE_THRESHOLD = env.int("CIRCUIT_BREAKER_FAILURE_THRESHOLD", default=5)
+# How long an open breaker refuses calls (Redis' clock) before letting probes through (half-open).
+CIRCUIT_BREAKER_TIMEOUT_SECONDS = env.float("CIRCUIT_BREAKER_TIMEOUT_SECONDS", default=60.0)
+# Probes in flight at a time while half-open, across all processes.
+CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS = env.int("CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS", default=3)
+# A probe's slot is freed after this long even if its worker never reports (it died): keep it above the
+# longest call (a webhook: WEBHOOK_CONNECT_TIMEOUT_SECONDS + WEBHOOK_READ_TIMEOUT_SECONDS).
+CIRCUIT_BREAKER_PROBE_LEASE_SECONDS = env.float("CIRCUIT_BREAKER_PROBE_LEASE_SECONDS", default=30.0)
+if CIRCUIT_BREAKER_FAILURE_THRESHOLD < 1 or CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS < 1:
+    raise ImproperlyConfigured("CIRCUIT_BREAKER_FAILURE_THRESHOLD and _HALF_OPEN_MAX_CALLS must be at least 1.")
+if CIRCUIT_BREAKER_TIMEOUT_SECONDS <= 0 or CIRCUIT_BREAKER_PROBE_LEASE_SECONDS <= 0:
+    raise ImproperlyConfigured("CIRCUIT_BREAKER_TIMEOUT_SECONDS and _PROBE_LEASE_SECONDS must be positive.")
+
+# --- Outbound webhooks (iot/outbound.py) ---
+# Webhook URLs resolving to loopback, private (RFC 1918, ULA), shared (100.64/10) or reserved addresses are
+# refused unless this is on (development, or receivers on your own network). Link-local (the cloud metadata
+# address 169.254.169.254), unspecified and multicast addresses are refused either way.
+ALERT_WEBHOOK_ALLOW_PRIVATE = env.bool("ALERT_WEBHOOK_ALLOW_PRIVATE", default=False)
+# Connecting (DNS, TCP and TLS handshake), and then each read or write, may take this long.
+WEBHOOK_CONNECT_TIMEOUT_SECONDS = env.float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", default=2.0)
+WEBHOOK_READ_TIMEOUT_SECONDS = env.float("WEBHOOK_READ_TIMEOUT_SECONDS", default=5.0)

@@ -7,7 +7,7 @@ def _ensure_partitions(sender, using, **kwargs):
     from django.db import connections
 
     from telemetry.models import TABLE
-    from telemetry.services import telemetry_partitions_ensure
+    from telemetry.partitions import telemetry_partitions_ensure
 
     with connections[using].cursor() as cursor:
         cursor.execute("SELECT to_regclass(%s)", [TABLE])

@@ -1,6 +1,6 @@
 from django.db import models
 
-# The parent table and its naming scheme; the DDL lives in migrations/0001 and services.py.
+# The parent table and its naming scheme; the DDL lives in migrations/0001 and partitions.py.
 TABLE = "telemetry_point"
 DEFAULT_PARTITION = f"{TABLE}_default"
 METRIC_MAX_LENGTH = 128
@@ -14,7 +14,7 @@ class TelemetryPoint(models.Model):
     retention drops whole partitions instead of deleting rows, and time-range
     queries touch only the days they ask for. Django's schema editor cannot
     express `PARTITION BY`, so the model is unmanaged: migration 0001 creates the
-    table with raw SQL and `services.telemetry_partitions_*` maintain the
+    table with raw SQL and `partitions.telemetry_partitions_*` maintain the
     partitions. The model mirrors the columns so the ORM can read (and the admin
     list) points; writes go through `services.telemetry_points_ingest`, one
     multi-row INSERT per request.

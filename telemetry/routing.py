@@ -1,4 +1,4 @@
-"""WebSocket routes of the telemetry app (included by `iot.websocket`)."""
+"""WebSocket routes of the telemetry app (listed in `iot.asgi`, the composition root)."""
 
 from django.urls import path
 

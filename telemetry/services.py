@@ -1,4 +1,4 @@
-"""Writes of the telemetry pipeline: ingestion, and partition maintenance.
+"""Writes of the telemetry pipeline: ingestion (partition maintenance is `telemetry.partitions`).
 
 Ingestion (`telemetry_points_ingest`) does, in this order and nothing else:
 
@@ -25,13 +25,17 @@ before the commit would instead risk events for points that were never stored.
 Points taken by the rate limiter are not given back when a later step refuses
 the request (unknown device: 422; Postgres down: 503): the limiter has no refund,
 and a refund would reopen the check-then-act window it exists to close.
+
+Every refusal is a `TelemetryRejected` (an `iot.errors.ServiceError`) that
+carries its HTTP answer, and is counted here in `iot_telemetry_points_total` by
+outcome; points are counted `accepted` after the commit, with the publish.
 """
 
 import logging
-import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime
 from functools import partial
 
 import psycopg
@@ -40,12 +44,14 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.utils import timezone
 
-from devices.models import DeviceStatus
+from devices.selectors import device_status_get
 from devices.services import device_mark_seen
+from devices.sql import device_live_sql
+from iot.errors import ServiceError
 from iot.event_queue import Admission, EventQueueFull, event_queue_admission, event_queue_publish
 from iot.ratelimit import RateLimitDecision, rate_limit_consume
-from telemetry.metrics import EVENTS_LOST
-from telemetry.models import DEFAULT_PARTITION, TABLE
+from telemetry.metrics import EVENTS_LOST, count_points
+from telemetry.models import TABLE
 
 logger = logging.getLogger(__name__)
 
@@ -69,37 +75,83 @@ class PointColumns:
         return len(self.metrics)
 
 
+def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
+    """`X-RateLimit-Limit/-Remaining`: on every 202, and on the refusals the limiter decided."""
+    return {"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": str(decision.remaining)}
+
+
 @dataclass(frozen=True)
 class IngestResult:
     count: int
     rate_limit: RateLimitDecision
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return rate_limit_headers(self.rate_limit)
 
-class TelemetryRejected(Exception):
-    """Base of every refusal of `telemetry_points_ingest`; nothing was stored."""
+
+class TelemetryRejected(ServiceError):
+    """Base of every refusal of `telemetry_points_ingest`; nothing was stored.
+
+    `outcome` is the label it is counted under in `iot_telemetry_points_total`.
+    """
+
+    outcome = "invalid"
 
 
 class TelemetryBackpressure(TelemetryRejected):
-    """The event queue is past its warning (429) or critical (503) threshold."""
+    """The event queue is past its warning (429 `busy`) or critical (503 `overloaded`) threshold."""
+
+    outcome = "backpressure"
 
     def __init__(self, admission: Admission):
-        super().__init__(f"event queue {admission.state}: depth {admission.depth}")
+        critical = admission.state == "critical"
+        self.status_code = 503 if critical else 429
+        self.code = "overloaded" if critical else "busy"
+        super().__init__(
+            "The platform is overloaded; retry later." if critical else "The platform is busy; slow down.",
+            headers={"Retry-After": str(max(admission.retry_after_seconds, 1))},
+        )
         self.admission = admission
 
 
 class TelemetryRateLimited(TelemetryRejected):
-    """The device's window or the global second has no room for these points (429)."""
+    """The device's window or the global second has no room for these points (429 + Retry-After)."""
+
+    outcome = "rate_limited"
+    status_code = 429
+    code = "rate_limited"
 
     def __init__(self, decision: RateLimitDecision):
-        super().__init__(f"{decision.scope} rate limit exceeded")
+        super().__init__(
+            f"Rate limit exceeded (device): at most {decision.limit} points per device per window."
+            if decision.scope == "device"
+            else "Global telemetry rate limit exceeded; retry in a moment.",
+            headers={"Retry-After": str(max(decision.retry_after_seconds, 1)), **rate_limit_headers(decision)},
+            scope=decision.scope,
+        )
         self.decision = decision
 
 
 class TelemetryBatchOverLimit(TelemetryRejected):
-    """More points in one request than the device may send in a whole window: can never pass (429, no retry)."""
+    """More points in one request than the device may send in a whole window: it can never pass.
+
+    A 429 because the seed's clients expect one for an oversized burst, but with no
+    Retry-After: waiting never helps; only a smaller batch (or a higher limit) does.
+    Counted as `invalid`, like any request that no retry can make acceptable.
+    """
+
+    status_code = 429
+    code = "batch_exceeds_limit"
 
     def __init__(self, decision: RateLimitDecision, points: int):
-        super().__init__(f"{points} points exceed the per-device limit of {decision.limit}")
+        super().__init__(
+            f"{points} points can never fit the per-device limit of {decision.limit} points per "
+            f"{settings.RATE_LIMIT_WINDOW_SECONDS} s; split the batch.",
+            headers=rate_limit_headers(decision),
+            limit=decision.limit,
+            points=points,
+        )
         self.decision = decision
         self.points = points
 
@@ -107,35 +159,70 @@ class TelemetryBatchOverLimit(TelemetryRejected):
 class TelemetryRetryLater(TelemetryRejected):
     """A transient conflict with partition maintenance that a retry resolves (503 + Retry-After)."""
 
+    outcome = "backpressure"
+    status_code = 503
+    code = "retry_later"
+    default_detail = "Telemetry storage is being reorganised; retry shortly."
+
+    def __init__(self, detail: str | None = None):
+        super().__init__(detail, headers={"Retry-After": "1"})
+
 
 class TelemetryUnknownDevice(TelemetryRejected):
-    """No device has this id (422)."""
+    """No device has this id (422, on the `device_id` field)."""
+
+    status_code = 422
+    field = "device_id"
 
 
 class TelemetryDeviceDecommissioned(TelemetryRejected):
-    """The device is decommissioned and sends no more telemetry (422)."""
+    """The device is decommissioned and sends no more telemetry (422, on the `device_id` field)."""
+
+    status_code = 422
+    field = "device_id"
 
 
 # One statement for the whole batch. The device row is joined rather than
 # referenced by a foreign key: a foreign key costs a trigger query per inserted
 # row, the join costs one primary-key probe per statement and also tells us
-# (rowcount 0) that the device is unknown or decommissioned. Parameters are
-# bound server-side in binary (`%b`): Django's client-side cursor would format
-# every array element as text in Python, measured at ~1.6 ms of CPU per
-# 100-point batch against ~0.45 ms in binary.
+# (rowcount 0) that the device is unknown or decommissioned. Which devices may
+# send is the devices app's to say (`device_live_sql`). Parameters are bound
+# server-side in binary (`%b`): Django's client-side cursor would format every
+# array element as text in Python, measured at ~1.6 ms of CPU per 100-point batch
+# against ~0.45 ms in binary.
 _INSERT_SQL = f"""
 INSERT INTO {TABLE} (device_id, metric, ts, value)
 SELECT d.id, p.metric, p.ts, p.value
-FROM devices_device AS d
+FROM {{device}} AS d
 CROSS JOIN unnest(%b::varchar[], %b::timestamptz[], %b::float8[]) AS p (metric, ts, value)
-WHERE d.id = %b AND d.status <> '{DeviceStatus.DECOMMISSIONED}'
 """
+
+
+# The insert, and the device's group as the same statement saw it, for the stored-points hooks
+# (alert rules may be scoped to a group): no second round trip, no other snapshot.
+_STORE_SQL = f"""
+WITH d AS {{device}}, ins AS ({_INSERT_SQL.format(device="d")} RETURNING 1)
+SELECT (SELECT count(*) FROM ins), (SELECT group_id FROM d)
+"""
+
+# Functions run inside the ingest transaction once a batch is inserted, with
+# `device_id, group_id, metrics, values, timestamps` (keyword arguments). Registered by the
+# apps built on telemetry (alerts evaluates its rules here, in `AlertsConfig.ready`), so
+# telemetry never imports them. An exception from a hook refuses the whole request and
+# stores nothing: no point is ever accepted without having been evaluated.
+_points_stored_hooks: list[Callable[..., object]] = []
+
+
+def telemetry_points_stored_hook_register(*, hook: Callable[..., object]) -> None:
+    """Run `hook` for every stored batch, in its transaction (idempotent: a hook is added once)."""
+    if hook not in _points_stored_hooks:
+        _points_stored_hooks.append(hook)
 
 
 def _is_partition_race(exc: IntegrityError) -> bool:
     """An insert routed to DEFAULT while the day's partition was being attached.
 
-    Such an insert waits on the DEFAULT partition's lock (taken by `_create_partition`),
+    Such an insert waits on the DEFAULT partition's lock (taken by `telemetry.partitions`),
     and when the ATTACH commits the DEFAULT partition's constraint no longer admits that
     day: "new row for relation ... violates partition constraint". Tried again, the row
     is routed to the new partition.
@@ -154,13 +241,13 @@ def _insert_points(*, batch: PointColumns) -> None:
         # Inside a caller's transaction (an Idempotency-Key request) the failed statement has
         # aborted it: the request is refused with 503 and its retry runs afresh.
         if not owns_transaction:
-            raise TelemetryRetryLater("Telemetry storage is being reorganised; retry shortly.") from exc
+            raise TelemetryRetryLater() from exc
         logger.info("insert for %s met a partition being attached; retrying once", batch.device_id)
         try:
             _insert_points_once(batch=batch)
         except IntegrityError as again:
             if _is_partition_race(again):
-                raise TelemetryRetryLater("Telemetry storage is being reorganised; retry shortly.") from again
+                raise TelemetryRetryLater() from again
             raise
 
 
@@ -173,19 +260,29 @@ def _insert_points_once(*, batch: PointColumns) -> None:
         db.ensure_connection()
         # A plain (server-side binding) psycopg cursor on Django's connection: same transaction,
         # and wrap_database_errors turns psycopg errors into Django's (503 for an outage).
+        device_sql, device_params = device_live_sql(device_id=batch.device_id)
         with db.wrap_database_errors, psycopg.Cursor(db.connection) as cursor:
-            cursor.execute(_INSERT_SQL, [batch.metrics, batch.timestamps, batch.values, batch.device_id])
-            inserted = cursor.rowcount
+            cursor.execute(
+                _STORE_SQL.format(device=device_sql),
+                [*device_params, batch.metrics, batch.timestamps, batch.values],
+            )
+            inserted, group_id = cursor.fetchone()
         if inserted == len(batch):
+            for hook in _points_stored_hooks:
+                hook(
+                    device_id=batch.device_id,
+                    group_id=group_id,
+                    metrics=batch.metrics,
+                    values=batch.values,
+                    timestamps=batch.timestamps,
+                )
             # Last, so the device row (when it is updated at all) is locked only until the commit.
             device_mark_seen(device_ids=[batch.device_id])
             return
         # Only possible with 0 rows (nothing to undo): the join found no (live) device. The
         # error path may cost a second query to say which.
-        with db.cursor() as cursor:
-            cursor.execute("SELECT status FROM devices_device WHERE id = %s", [batch.device_id])
-            row = cursor.fetchone()
-    if row is None:
+        status = device_status_get(device_id=batch.device_id)
+    if status is None:
         raise TelemetryUnknownDevice(f"No device with id {batch.device_id}.")
     raise TelemetryDeviceDecommissioned(f"Device {batch.device_id} is decommissioned.")
 
@@ -208,7 +305,9 @@ def _event_payload(*, batch: PointColumns, received_at: datetime) -> dict:
     }
 
 
-def _publish(*, batch: PointColumns, received_at: datetime) -> None:
+def _after_commit(*, batch: PointColumns, received_at: datetime) -> None:
+    """Count the points accepted, and publish their event (see the module docstring)."""
+    count_points(outcome="accepted", points=len(batch))
     try:
         event_queue_publish(
             event_type=EVENT_TYPE, payload=_event_payload(batch=batch, received_at=received_at), weight=len(batch)
@@ -224,9 +323,18 @@ def _publish(*, batch: PointColumns, received_at: datetime) -> None:
 def telemetry_points_ingest(*, batch: PointColumns) -> IngestResult:
     """Store a validated batch durably, or refuse it whole (a `TelemetryRejected`).
 
-    Returns once the points are committed; see the module docstring for the order
-    of checks and what happens when the after-commit publish fails.
+    Returns once the points are committed (or, inside a caller's transaction, will be
+    with it); see the module docstring for the order of checks and what happens when
+    the after-commit publish fails. A refusal is counted under its `outcome` and raised.
     """
+    try:
+        return _ingest(batch=batch)
+    except TelemetryRejected as exc:
+        count_points(outcome=exc.outcome, points=len(batch))
+        raise
+
+
+def _ingest(*, batch: PointColumns) -> IngestResult:
     points = len(batch)
     admission = event_queue_admission()
     if admission.state != "ok":
@@ -238,148 +346,8 @@ def telemetry_points_ingest(*, batch: PointColumns) -> IngestResult:
         raise TelemetryRateLimited(decision)
     _insert_points(batch=batch)
     # After the commit by construction: a caller that wraps ingestion in its own transaction
-    # (an `Idempotency-Key` request does) publishes only once everything it wrote is committed,
-    # and never for points that were rolled back. Outside a transaction this runs at once.
-    transaction.on_commit(partial(_publish, batch=batch, received_at=timezone.now()))
+    # (an `Idempotency-Key` request does) counts and publishes only once everything it wrote
+    # is committed, and never for points that were rolled back. Outside a transaction this
+    # runs at once.
+    transaction.on_commit(partial(_after_commit, batch=batch, received_at=timezone.now()))
     return IngestResult(count=points, rate_limit=decision)
-
-
-# --- partitions ------------------------------------------------------------------
-
-_PARTITION_NAME = re.compile(rf"^{TABLE}_p(\d{{8}})$")
-
-
-def partition_name(day: date) -> str:
-    return f"{TABLE}_p{day:%Y%m%d}"
-
-
-def _day_bound(day: date) -> str:
-    # A literal built from a date object (never from input), UTC midnight.
-    return f"'{day.isoformat()} 00:00:00+00'"
-
-
-@dataclass(frozen=True)
-class PartitionWindow:
-    """The days that must have a partition: from the oldest retained one to `ahead` days from today."""
-
-    first: date
-    last: date
-
-
-def telemetry_partition_window(*, now: datetime | None = None) -> PartitionWindow:
-    now = now or timezone.now()
-    oldest = now - timedelta(seconds=settings.TELEMETRY_RETENTION_SECONDS)
-    return PartitionWindow(
-        first=oldest.astimezone(UTC).date(),
-        last=now.astimezone(UTC).date() + timedelta(days=settings.TELEMETRY_PARTITION_PREMAKE_DAYS),
-    )
-
-
-def telemetry_partitions_list(*, using: str = DEFAULT_DB_ALIAS) -> dict[date, str]:
-    """The daily partitions that exist, by day (the DEFAULT partition and foreign names excluded)."""
-    with connections[using].cursor() as cursor:
-        cursor.execute(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = %s::regclass",
-            [TABLE],
-        )
-        names = [row[0] for row in cursor.fetchall()]
-    days = {}
-    for name in names:
-        match = _PARTITION_NAME.match(name)
-        if match:
-            days[datetime.strptime(match.group(1), "%Y%m%d").date()] = name
-    return days
-
-
-def _create_partition(*, day: date, using: str) -> bool:
-    """Create the partition for `day` online; False if another process just did.
-
-    `CREATE TABLE ... PARTITION OF` would hold an ACCESS EXCLUSIVE lock on the
-    parent (stalling every insert and read) while it scans the DEFAULT partition.
-    Instead: lock only the (small) DEFAULT partition, create a standalone table,
-    move into it any rows of that day that landed in DEFAULT meanwhile, and
-    ATTACH it, which needs only SHARE UPDATE EXCLUSIVE on the parent (inserts
-    and reads go on). `lock_timeout` keeps a busy table from queueing traffic
-    behind us: we fail and the next run retries.
-    """
-    name = partition_name(day)
-    quoted = connections[using].ops.quote_name(name)
-    low, high = _day_bound(day), _day_bound(day + timedelta(days=1))
-    with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        cursor.execute("SET LOCAL lock_timeout = '5s'")
-        cursor.execute(f"LOCK TABLE {DEFAULT_PARTITION} IN ACCESS EXCLUSIVE MODE")
-        cursor.execute("SELECT to_regclass(%s)", [name])
-        if cursor.fetchone()[0] is not None:
-            return False
-        cursor.execute(f"CREATE TABLE {quoted} (LIKE {TABLE} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
-        cursor.execute(
-            f"WITH moved AS (DELETE FROM {DEFAULT_PARTITION} WHERE ts >= {low} AND ts < {high} RETURNING *) "
-            f"INSERT INTO {quoted} SELECT * FROM moved"
-        )
-        moved = cursor.rowcount
-        cursor.execute(f"ALTER TABLE {TABLE} ATTACH PARTITION {quoted} FOR VALUES FROM ({low}) TO ({high})")
-    if moved:
-        logger.info("partition %s created; %d points moved into it from %s", name, moved, DEFAULT_PARTITION)
-    return True
-
-
-def telemetry_partitions_ensure(*, now: datetime | None = None, using: str = DEFAULT_DB_ALIAS) -> list[str]:
-    """Create the missing daily partitions of the retention window and the days ahead; return their names.
-
-    Idempotent and safe to run from several processes at once.
-    """
-    window = telemetry_partition_window(now=now)
-    existing = telemetry_partitions_list(using=using)
-    created = []
-    day = window.first
-    while day <= window.last:
-        if day not in existing and _create_partition(day=day, using=using):
-            created.append(partition_name(day))
-        day += timedelta(days=1)
-    return created
-
-
-def telemetry_partitions_drop_expired(*, now: datetime | None = None, using: str = DEFAULT_DB_ALIAS) -> list[str]:
-    """Drop every daily partition entirely older than the retention; purge such rows from DEFAULT.
-
-    A partition is dropped only when its upper bound is at or before
-    `now - TELEMETRY_RETENTION_SECONDS`, so it holds nothing the API would still
-    accept (ingestion refuses older timestamps). Dropping a partition needs a
-    brief ACCESS EXCLUSIVE lock on the parent, bounded by a 1 s `lock_timeout`
-    (on timeout the task fails and its retry, or the next run, tries again).
-    (`DETACH PARTITION CONCURRENTLY` would avoid that lock but is not allowed
-    on a table with a DEFAULT partition.)
-    """
-    now = now or timezone.now()
-    cutoff = now - timedelta(seconds=settings.TELEMETRY_RETENTION_SECONDS)
-    dropped = []
-    for day, name in sorted(telemetry_partitions_list(using=using).items()):
-        upper = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
-        if upper > cutoff:
-            break
-        with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            # Short: while this waits for the parent's lock, every insert queues behind it.
-            cursor.execute("SET LOCAL lock_timeout = '1s'")
-            cursor.execute(f"DROP TABLE IF EXISTS {connections[using].ops.quote_name(name)}")
-        dropped.append(name)
-    with connections[using].cursor() as cursor:
-        cursor.execute(f"DELETE FROM {DEFAULT_PARTITION} WHERE ts < %s", [cutoff])
-        purged = cursor.rowcount
-    if dropped or purged:
-        logger.info("telemetry retention: dropped %s; %d old points purged from DEFAULT", dropped, purged)
-    return dropped
-
-
-@dataclass(frozen=True)
-class MaintenanceReport:
-    created: list[str]
-    dropped: list[str]
-
-
-def telemetry_partitions_maintain(*, now: datetime | None = None, using: str = DEFAULT_DB_ALIAS) -> MaintenanceReport:
-    """Both halves of partition maintenance (what the beat task and the worker start-up run)."""
-    return MaintenanceReport(
-        created=telemetry_partitions_ensure(now=now, using=using),
-        dropped=telemetry_partitions_drop_expired(now=now, using=using),
-    )

@@ -11,7 +11,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError
 
-from telemetry.services import telemetry_partitions_maintain
+from telemetry.partitions import telemetry_partitions_maintain
 
 logger = logging.getLogger(__name__)
 

@@ -329,3 +329,64 @@ def test_second_launcher_on_the_same_instance_joins_the_running_servers(launched
     owner.wait(timeout=30)
     _assert_servers_gone(owned)
     assert not (INSTANCE_DIR / "urls.env").exists()
+
+
+def _devservices():
+    """scripts/devservices.py loaded by path, as the live tests load it (iot.testing.processes)."""
+    from iot.testing.processes import devservices_module
+
+    return devservices_module()
+
+
+def test_redis_probe_accepts_only_our_own_server(tmp_path):
+    """Between picking a free port and redis-server binding it, something else may take the port: the
+    probe (redis-py: PING, then INFO's process_id) must not take a redis-server that isn't our child for ours."""
+    from iot.testing.processes import free_port, wait_until
+
+    devservices = _devservices()
+    port = free_port()
+    foreign = subprocess.Popen(
+        [str(devservices.redis_server_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the child that lost the race
+    try:
+        server = devservices.Redis(tmp_path)
+        server.port, server.proc = port, ours
+        assert wait_until(server.answering_pid, timeout=10, message="the foreign server") == foreign.pid
+        assert not server._answers()
+        server.proc = foreign  # the same server, had it been our child
+        assert server._answers()
+    finally:
+        for process in (foreign, ours):
+            process.kill()
+            process.wait()
+
+
+CHILD_DBSIZE = """
+import os, redis
+print("DBSIZE", redis.Redis.from_url(os.environ["REDIS_URL"], socket_timeout=30).dbsize(), flush=True)
+"""
+
+
+def test_child_starts_only_after_redis_has_replayed_its_append_only_file(launched):
+    """While redis-server replays its append-only file it accepts connections but answers `LOADING`
+    (INFO works, PING doesn't): CMD must start only once everything is back, or the stream and the
+    queued work would look empty (or every command fail) to the platform's first steps."""
+    keys = 1_500_000  # a replay long enough (about a second) for the launcher to probe in the middle of it
+    shutil.rmtree(INSTANCE_DIR / "redis", ignore_errors=True)
+    (INSTANCE_DIR / "redis").mkdir(parents=True)
+    with open(INSTANCE_DIR / "redis" / "appendonly.aof", "wb") as aof:
+        aof.write(b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n")
+        for start in range(0, keys, 100_000):
+            aof.write(
+                b"".join(
+                    b"*3\r\n$3\r\nSET\r\n$%d\r\nk%d\r\n$1\r\nv\r\n" % (len(str(i)) + 1, i)
+                    for i in range(start, min(start + 100_000, keys))
+                )
+            )
+    proc = launched(CHILD_DBSIZE, env={"DATABASE_URL": "postgres://unused/db"})
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()
+    assert f"DBSIZE {keys}".encode() in stdout

@@ -13,7 +13,7 @@ os.environ["DJANGO_SECRET_KEY"] = "env-example-check"
 os.environ["DJANGO_SETTINGS_MODULE"] = "iot.settings"
 from django.conf import settings
 assert settings.REDIS_SOCKET_TIMEOUT == 5.0, settings.REDIS_SOCKET_TIMEOUT
-assert settings.WEB_THREADS == 16 and settings.EVENT_BUS_WORKER_COUNT == 2
+assert settings.WEB_THREADS == 16 and settings.DEVICE_TOKEN_CACHE_TTL_SECONDS == 3600
 assert settings.DATABASES["default"]["OPTIONS"]["pool"]["timeout"] == 1.0
 print("ok")
 """

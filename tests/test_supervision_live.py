@@ -16,13 +16,13 @@ import httpx
 import psutil
 import pytest
 import redis
-from django.db import connection
 from django.test import override_settings
 
 from iot import event_queue
 from iot.redis import get_redis, redis_key
-from iot.testing.processes import Platform, database_url, platform_env, start_web, start_worker, wait_until
-from iot.testing.supervision import CELERY, CONSUMER, PointLoad, children_matching, flush_redis_prefix, is_running
+from iot.testing.live import dedicated_platform, register_device
+from iot.testing.processes import wait_until
+from iot.testing.supervision import CELERY, CONSUMER, PointLoad, children_matching, is_running
 
 pytestmark = pytest.mark.live
 
@@ -42,19 +42,9 @@ RESTART_DEADLINE = 10.0  # detection (0.1 s) + first backoff (0.5 s), with room 
 
 @pytest.fixture(scope="module")
 def supervised(django_db_setup, django_db_blocker, platform_logs):
-    flush_redis_prefix(PREFIX)
-    with django_db_blocker.unblock():
-        env = platform_env(database=database_url(connection.settings_dict), extra=ENV)
-    running = Platform(env=env)
-    log_dir = platform_logs / "supervision"
-    log_dir.mkdir(exist_ok=True)
-    try:
-        web = start_web(running, workers=2, log_dir=log_dir)
-        worker = start_worker(running, log_dir=log_dir)
+    with dedicated_platform(django_db_blocker, platform_logs, name="supervision", env=ENV) as running:
+        web, worker = running.processes
         yield running, web.process.pid, worker.process.pid
-    finally:
-        running.stop()
-        flush_redis_prefix(PREFIX)
 
 
 @pytest.fixture
@@ -62,14 +52,6 @@ def client(supervised, operator_token):
     running, _, _ = supervised
     with httpx.Client(base_url=running.base_url, headers={"Authorization": f"Token {operator_token}"}) as client:
         yield client
-
-
-def _device(client: httpx.Client) -> str:
-    response = client.post(
-        "/devices", json={"serial_number": f"SN-SUP-{time.time_ns()}", "device_type": "sensor", "firmware_version": "1"}
-    )
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
 
 
 def _group_consumers() -> set[str]:
@@ -116,7 +98,7 @@ def _reading(pids) -> bool:
 
 def test_killed_event_consumer_is_restarted_alone_and_no_request_is_refused(supervised, client, operator_token):
     running, web_pid, runner_pid = supervised
-    device_id = _device(client)
+    device_id = register_device(client, "SN-SUP")["id"]
     consumers = wait_until(lambda: _consumers(runner_pid), timeout=60, message="two consumers")
     celery = set(children_matching(runner_pid, CELERY))
     web = _web_pids(web_pid)
@@ -156,7 +138,7 @@ def test_killed_event_consumer_is_restarted_alone_and_no_request_is_refused(supe
 
 def test_killed_celery_main_process_is_restarted_alone(supervised, client, operator_token):
     running, web_pid, runner_pid = supervised
-    device_id = _device(client)
+    device_id = register_device(client, "SN-SUP")["id"]
     consumers = wait_until(lambda: _consumers(runner_pid), timeout=60, message="two consumers")
     (celery_pid, celery), *others = children_matching(runner_pid, CELERY).items()
     assert others == []

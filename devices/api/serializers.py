@@ -4,15 +4,20 @@ from devices.models import DeviceStatus
 from iot.api.serializers import JSONObjectField, StrictCharField, StrictInputSerializer, StrictRegexField
 
 VERSION_LABEL = r"^[A-Za-z0-9._+\-]+$"
+# A firmware version is an opaque label (no semver ordering is assumed); the refusal says what a label is.
+VERSION_LABEL_RULE = "1-64 characters from letters, digits and . _ + - (e.g. 2.0.1 or 2.0.a3f1)"
+VERSION_LABEL_ERRORS = {
+    "invalid": f"Must be {VERSION_LABEL_RULE}.",
+    "blank": f"Must not be blank: {VERSION_LABEL_RULE}.",
+    "max_length": f"Must be {VERSION_LABEL_RULE}.",
+}
 
 
+# Declared field by field rather than as a ModelSerializer: this is on the hot path of every
+# device read, and building a ModelSerializer's fields costs about 1 ms per response. (A comment,
+# not the docstring: the docstring is the schema's description, written for API clients.)
 class DeviceSerializer(serializers.Serializer):
-    """The device as every API client sees it.
-
-    Declared field by field rather than as a ModelSerializer: this is on the hot
-    path of every device read, and building a ModelSerializer's fields costs
-    about 1 ms per response.
-    """
+    """A device of the fleet."""
 
     id = serializers.UUIDField(read_only=True)
     serial_number = serializers.CharField(read_only=True)
@@ -37,7 +42,9 @@ class DeviceRegisterSerializer(StrictInputSerializer):
 
     serial_number = StrictCharField(max_length=128, trim_whitespace=True)
     device_type = StrictCharField(max_length=64)
-    firmware_version = StrictRegexField(VERSION_LABEL, max_length=64)
+    firmware_version = StrictRegexField(
+        VERSION_LABEL, max_length=64, error_messages=VERSION_LABEL_ERRORS, help_text=f"{VERSION_LABEL_RULE}."
+    )
     location = StrictCharField(max_length=255, required=False, allow_null=True, allow_blank=True)
     group_id = StrictCharField(max_length=128, required=False, allow_null=True)
     metadata = JSONObjectField(required=False)
@@ -58,7 +65,13 @@ class DeviceUpdateSerializer(StrictInputSerializer):
     group_id = StrictCharField(max_length=128, required=False, allow_null=True)
     metadata = JSONObjectField(required=False)
     device_type = StrictCharField(max_length=64, required=False)
-    firmware_version = StrictRegexField(VERSION_LABEL, max_length=64, required=False)
+    firmware_version = StrictRegexField(
+        VERSION_LABEL,
+        max_length=64,
+        required=False,
+        error_messages=VERSION_LABEL_ERRORS,
+        help_text=f"{VERSION_LABEL_RULE}.",
+    )
 
     def validate(self, attrs):
         if len(attrs) < self.min_fields:
@@ -67,6 +80,9 @@ class DeviceUpdateSerializer(StrictInputSerializer):
 
 
 class DeviceListQuerySerializer(StrictInputSerializer):
+    serial_number = StrictCharField(
+        max_length=128, required=False, help_text="Only the device with exactly this serial number (0 or 1 results)."
+    )
     group_id = StrictCharField(max_length=128, required=False, help_text="Only the devices of this group.")
     status = serializers.ChoiceField(choices=DeviceStatus.choices, required=False)
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, help_text="Page size (default 100).")

@@ -15,7 +15,6 @@ from devices.api.serializers import (
     DeviceSerializer,
     DeviceUpdateSerializer,
 )
-from devices.models import Device
 from iot.api.pagination import LimitCursorPagination
 from iot.api.schema import BAD_QUERY, MALFORMED_BODY, UNSUPPORTED_MEDIA, error_responses
 from iot.idempotency.http import HEADER as IDEMPOTENCY_HEADER
@@ -64,9 +63,8 @@ class DeviceViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     def get_queryset(self):
         query = DeviceListQuerySerializer(data=self.request.query_params.dict())
         query.is_valid(raise_exception=True)
-        return selectors.device_list(
-            group_id=query.validated_data.get("group_id"), status=query.validated_data.get("status")
-        )
+        filters = {name: query.validated_data.get(name) for name in ("serial_number", "group_id", "status")}
+        return selectors.device_list(**filters)
 
     @extend_schema(
         request=DeviceRegisterSerializer,
@@ -118,10 +116,8 @@ class DeviceViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
         device_id = parse_device_id(pk)
         serializer = DeviceUpdateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            device = services.device_update(device_id=device_id, changes=serializer.validated_data)
-        except Device.DoesNotExist as exc:
-            raise NotFound("No device with this id.") from exc
+        # An unknown id raises `DeviceNotFound`, a 404 by `api_exception_handler`.
+        device = services.device_update(device_id=device_id, changes=serializer.validated_data)
         return self._respond(device)
 
     def _respond(self, device):

@@ -1,22 +1,16 @@
-import uuid
-
 import pytest
 
 from devices.models import Device
 from devices.selectors import device_get, device_get_by_token_hash
-from devices.services import device_register, device_token_hash
+from devices.services import device_token_hash
+from devices.testing import device_create
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def devices():
-    return [
-        device_register(
-            serial_number=f"ADM-{uuid.uuid4().hex[:8]}", device_type="sensor", firmware_version="1.0.0"
-        ).device
-        for _ in range(3)
-    ]
+    return [device_create(serial_prefix="ADM").device for _ in range(3)]
 
 
 def test_changelist_filters_and_search(admin_client, devices):
@@ -75,16 +69,54 @@ def test_change_form_saves_through_service_and_keeps_audit_fields_read_only(admi
     assert Device.objects.get(pk=device.pk).version == 2
 
 
-def test_devices_cannot_be_added_in_admin(admin_client):
-    assert admin_client.get("/admin/devices/device/add/").status_code == 403
+def test_devices_cannot_be_added_in_admin_and_the_admin_says_how_they_are(admin_client):
+    changelist = admin_client.get("/admin/devices/device/")
+    assert b"/admin/devices/device/add/" not in changelist.content  # no add button
+    page = admin_client.get("/admin/devices/device/add/", follow=True)
+    assert page.redirect_chain == [("/admin/devices/device/", 302)]
+    assert page["Content-Type"].startswith("text/html")
+    shown = [str(message) for message in page.context["messages"]]
+    assert len(shown) == 1 and "POST /devices" in shown[0] and "/api/docs" in shown[0]
+    before = Device.objects.count()
+    posted = admin_client.post(
+        "/admin/devices/device/add/",
+        {"serial_number": "ADM-ADDED", "device_type": "sensor", "firmware_version": "1", "status": "active"},
+    )
+    assert posted.status_code == 302
+    assert Device.objects.count() == before
+
+
+def test_admin_errors_are_pages_and_api_errors_stay_json(admin_client):
+    not_found = admin_client.get("/admin/devices/no-such-model/")
+    assert not_found.status_code == 404
+    assert not_found["Content-Type"].startswith("text/html")
+    forbidden = admin_client.get("/admin/telemetry/telemetrypoint/add/")  # points are read-only
+    assert forbidden.status_code == 403
+    assert forbidden["Content-Type"].startswith("text/html")
+    api = admin_client.get("/no-such-endpoint")
+    assert api.status_code == 404 and api.json() == {"detail": "Not found."}
+
+
+def test_view_site_leads_to_the_api_docs(admin_client):
+    page = admin_client.get("/admin/")
+    assert b'<a href="/api/docs">View site</a>' in page.content
+    assert admin_client.get("/api/docs").status_code == 200
+
+
+def test_a_device_page_links_to_its_telemetry(admin_client, devices):
+    device = devices[0]
+    page = admin_client.get(f"/admin/devices/device/{device.pk}/change/")
+    link = f'<a href="/admin/telemetry/telemetrypoint/?q={device.pk}">'
+    assert link.encode() in page.content
+    points = admin_client.get("/admin/telemetry/telemetrypoint/", {"q": str(device.pk)})
+    assert points.status_code == 200
+    assert points.context["cl"].query == str(device.pk)
+    assert not [str(m) for m in points.context["messages"]]  # the device was found: no warning
 
 
 @pytest.fixture
 def registrations():
-    return [
-        device_register(serial_number=f"ADM-DEL-{uuid.uuid4().hex[:8]}", device_type="sensor", firmware_version="1")
-        for _ in range(3)
-    ]
+    return [device_create(serial_prefix="ADM-DEL") for _ in range(3)]
 
 
 def _warm(registration):

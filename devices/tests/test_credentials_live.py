@@ -1,32 +1,21 @@
 """Device credentials against the live multi-process server: what is kept of them, and when they stop working."""
 
 import threading
-import uuid
-from datetime import UTC, datetime
 
 import pytest
 from django.db import connection
 from django.test import Client
 
 from iot.idempotency.models import IdempotencyKey
+from iot.testing.factories import user_create
+from iot.testing.live import register_device
+from iot.testing.telemetry import point_body
 
 pytestmark = pytest.mark.live
 
 
-def register(api, serial, key=None):
-    body = {"serial_number": serial, "device_type": "sensor", "firmware_version": "1.0.0"}
-    response = api.post("/devices", json=body, headers={"Idempotency-Key": key} if key else {})
-    assert response.status_code == 201, response.text
-    return response
-
-
 def send_point(anonymous, device):
-    body = {
-        "device_id": device["id"],
-        "timestamp": datetime.now(UTC).isoformat(),
-        "metric": "temperature",
-        "value": 21.5,
-    }
+    body = point_body(device["id"], value=21.5)
     return anonymous.post("/telemetry/point", json=body, headers={"Authorization": f"Device {device['device_token']}"})
 
 
@@ -34,8 +23,7 @@ def test_a_registration_replay_returns_the_credential_postgres_keeps_only_encryp
     api, anonymous, unique_id, django_db_blocker
 ):
     key = f"cred-{unique_id}"
-    first = register(api, f"SN-CRED-{unique_id}", key)
-    device = first.json()
+    device = register_device(api, serial_number=f"SN-CRED-{unique_id}", idempotency_key=key)
     with django_db_blocker.unblock(), connection.cursor() as cursor:
         cursor.execute(f"SELECT k::text FROM {IdempotencyKey._meta.db_table} AS k WHERE key = %s", [key])
         (row,) = cursor.fetchall()
@@ -53,22 +41,17 @@ def test_a_registration_replay_returns_the_credential_postgres_keeps_only_encryp
 
 def _delete_in_admin(device_id: str, outcome: dict) -> None:
     """What a superuser does in the admin, committed (own thread, own connection, outside the test's transaction)."""
-    from django.contrib.auth import get_user_model
-
     try:
-        admin = get_user_model().objects.create(
-            username=f"admin-{uuid.uuid4().hex[:8]}", is_staff=True, is_superuser=True
-        )
         client = Client()
-        client.force_login(admin)
+        client.force_login(user_create(superuser=True))
         outcome["confirm"] = client.get(f"/admin/devices/device/{device_id}/delete/").status_code
         outcome["delete"] = client.post(f"/admin/devices/device/{device_id}/delete/", {"post": "yes"}).status_code
     finally:
         connection.close()
 
 
-def test_a_device_deleted_in_the_admin_is_refused_and_gone_at_once(api, anonymous, unique_id):
-    device = register(api, f"SN-DEL-{unique_id}").json()
+def test_a_device_deleted_in_the_admin_is_refused_and_gone_at_once(api, anonymous):
+    device = register_device(api, "SN-DEL")
     # Both servers' caches now hold the device and its credential mapping.
     for _ in range(4):
         assert send_point(anonymous, device).status_code == 202

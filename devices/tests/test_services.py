@@ -15,20 +15,15 @@ from devices.services import (
     device_token_hash,
     device_update,
 )
+from devices.testing import device_create
 from iot.cache import versioned_cache_fill, versioned_cache_get
 from iot.redis import get_redis
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def new_device(**fields):
-    return device_register(
-        serial_number=f"SN-{uuid.uuid4().hex[:10]}", device_type="sensor", firmware_version="1.0.0", **fields
-    )
-
-
 def test_register_creates_with_hashed_token():
-    registration = new_device(location="Lab", metadata={"k": "v"})
+    registration = device_create(location="Lab", metadata={"k": "v"})
     assert registration.created and registration.device_token
     device = Device.objects.get(pk=registration.device.pk)
     assert device.token_hash == device_token_hash(registration.device_token)
@@ -37,7 +32,7 @@ def test_register_creates_with_hashed_token():
 
 
 def test_register_existing_serial_returns_it_unchanged_without_token():
-    first = new_device(location="A")
+    first = device_create(location="A")
     again = device_register(
         serial_number=first.device.serial_number, device_type="gateway", firmware_version="9", location="B"
     )
@@ -46,7 +41,7 @@ def test_register_existing_serial_returns_it_unchanged_without_token():
 
 
 def test_update_bumps_version_and_invalidates_cache():
-    device = new_device().device
+    device = device_create().device
     assert device_get(device_id=device.pk).location is None  # fills the cache
     assert versioned_cache_get(key=device_cache_key(device.pk)).hit
     updated = device_update(device_id=device.pk, changes={"location": "Roof"})
@@ -59,11 +54,11 @@ def test_update_unknown_device_and_unknown_fields():
     with pytest.raises(Device.DoesNotExist):
         device_update(device_id=uuid.uuid4(), changes={"location": "x"})
     with pytest.raises(ValueError):
-        device_update(device_id=new_device().device.pk, changes={"serial_number": "x"})
+        device_update(device_id=device_create().device.pk, changes={"serial_number": "x"})
 
 
 def test_mark_seen_touches_only_its_columns():
-    device = new_device(location="Keep me").device
+    device = device_create(location="Keep me").device
     device_update(device_id=device.pk, changes={"status": DeviceStatus.MAINTENANCE})
     assert device_mark_seen(device_ids=[device.pk]) == 1
     row = Device.objects.get(pk=device.pk)
@@ -73,7 +68,7 @@ def test_mark_seen_touches_only_its_columns():
 
 
 def test_mark_seen_activates_and_is_rate_limited_per_device():
-    device = new_device().device
+    device = device_create().device
     assert device_mark_seen(device_ids=[device.pk]) == 1
     assert Device.objects.get(pk=device.pk).status == DeviceStatus.ACTIVE
     # within the resolution window a second touch costs no row update
@@ -81,7 +76,7 @@ def test_mark_seen_activates_and_is_rate_limited_per_device():
 
 
 def test_bulk_update_changes_all_and_invalidates():
-    devices = [new_device().device for _ in range(3)]
+    devices = [device_create().device for _ in range(3)]
     for device in devices:
         device_get(device_id=device.pk)
     assert device_bulk_update(device_ids=[d.pk for d in devices], changes={"group_id": "g-1"}) == 3
@@ -89,7 +84,7 @@ def test_bulk_update_changes_all_and_invalidates():
 
 
 def test_cached_read_equals_uncached_read_to_the_microsecond():
-    device = new_device(metadata={"nested": {"k": [1, 2.5, None]}}).device
+    device = device_create(metadata={"nested": {"k": [1, 2.5, None]}}).device
     device_mark_seen(device_ids=[device.pk])
     uncached = device_get(device_id=device.pk)  # miss: from Postgres, fills the cache
     cached = device_get(device_id=device.pk)  # hit
@@ -100,7 +95,7 @@ def test_cached_read_equals_uncached_read_to_the_microsecond():
 
 
 def test_delete_forgets_the_device_and_its_credential_at_once():
-    registration = new_device()
+    registration = device_create()
     device, token_hash = registration.device, device_token_hash(registration.device_token)
     device_update(device_id=device.pk, changes={"location": "Roof"})  # version 2
     assert device_get_by_token_hash(token_hash=token_hash).location == "Roof"  # caches mapping and device
@@ -112,7 +107,7 @@ def test_delete_forgets_the_device_and_its_credential_at_once():
 
 
 def test_a_reader_that_read_before_the_delete_cannot_fill_the_cache_after_it():
-    device = new_device().device
+    device = device_create().device
     device_update(device_id=device.pk, changes={"location": "Roof"})
     key = device_cache_key(device.pk)
     lookup = versioned_cache_get(key=key)  # a reader misses...
@@ -132,7 +127,7 @@ def test_a_reader_that_read_before_the_delete_cannot_fill_the_cache_after_it():
 def test_delete_of_an_unknown_device_raises_and_bulk_delete_counts():
     with pytest.raises(Device.DoesNotExist):
         device_delete(device_id=uuid.uuid4())
-    devices = [new_device().device for _ in range(3)]
+    devices = [device_create().device for _ in range(3)]
     for device in devices:
         device_get(device_id=device.pk)
     assert device_bulk_delete(device_ids=[d.pk for d in devices[:2]] + [uuid.uuid4()]) == 2

@@ -1,8 +1,9 @@
 """One JSON error shape for every failure, and no 500 for a dependency outage.
 
 DRF's handler covers its own exceptions; on top of that, Django's 404/permission
-errors become JSON, and an unreachable Postgres or Redis becomes `503` with
-`Retry-After` instead of an opaque `500`.
+errors become JSON, a service's refusal (`iot.errors.ServiceError`) becomes the
+status, body and headers it carries, and an unreachable Postgres or Redis becomes
+`503` with `Retry-After` instead of an opaque `500`.
 """
 
 import logging
@@ -13,7 +14,9 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
-from rest_framework.views import exception_handler
+from rest_framework.views import exception_handler, set_rollback
+
+from iot.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -29,35 +32,17 @@ DEPENDENCY_ERRORS = (
 )
 
 
-class Refusal(exceptions.APIException):
-    """A refusal whose answer carries more than a message: a machine-readable `code`, extra
-    body fields and headers (`Retry-After`, `X-RateLimit-*`).
-
-    Raised, never returned: inside an `Idempotency-Key` transaction a raise rolls the
-    key's claim back, so a refused request is not replayed to its retry.
-    """
-
-    def __init__(
-        self, detail: str, *, status_code: int, code: str, headers: dict[str, str] | None = None, **fields
-    ) -> None:
-        super().__init__(detail, code)
-        self.status_code = status_code
-        self.code = code
-        self.headers = headers or {}
-        self.fields = fields
-
-
 def api_exception_handler(exc, context):
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
+    if isinstance(exc, ServiceError):
+        # Like DRF's own refusals: a surrounding ATOMIC_REQUESTS transaction is rolled back.
+        set_rollback()
+        return Response(exc.body(), status=exc.status_code, headers=exc.headers)
     response = exception_handler(exc, context)
     if response is not None:
-        if isinstance(exc, Refusal):
-            response.data = {"detail": response.data["detail"], "code": exc.code, **exc.fields}
-            for name, value in exc.headers.items():
-                response[name] = value
         return response
     if isinstance(exc, DEPENDENCY_ERRORS):
         logger.warning("dependency unavailable: %s", exc)

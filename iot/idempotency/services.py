@@ -27,28 +27,51 @@ from django.conf import settings
 from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
+from iot.errors import ServiceError
 from iot.idempotency.crypto import StoredResponseUnreadable, response_body_decrypt, response_body_encrypt
 from iot.idempotency.models import IdempotencyKey
 
 logger = logging.getLogger(__name__)
 
 
-class IdempotencyKeyInFlight(Exception):
-    """Another request with this key is still running after the bounded wait."""
+class IdempotencyError(ServiceError):
+    """A request whose `Idempotency-Key` can't be honoured now; nothing of it ran."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
 
 
-class IdempotencyKeyReused(Exception):
-    """The key was first used with a different request body."""
+class IdempotencyKeyInFlight(IdempotencyError):
+    """Another request with this key is still running after the bounded wait (409: retry)."""
+
+    status_code = 409
+    default_detail = "A request with this Idempotency-Key is still being processed; retry shortly."
 
 
-class IdempotencyReplayUnreadable(Exception):
+class IdempotencyKeyReused(IdempotencyError):
+    """The key was first used with a different request body (422)."""
+
+    status_code = 422
+    default_detail = "This Idempotency-Key was already used with a different request body."
+
+
+class IdempotencyReplayUnreadable(IdempotencyError):
     """The key's request was done, but no configured key decrypts its stored response.
 
     Running the request again is not an answer: its work is committed (a device
     registered, points stored), so a second run would store points twice, or turn
     the `201` that carried a credential into a `200` without it. The caller is
-    told instead (`409`), and can read the resource or use a new key.
+    told instead: `409`, not `500` (nothing is broken for this caller to report).
+    Retrying with the same key gives the same answer until the key expires.
     """
+
+    status_code = 409
+    default_detail = (
+        "The request with this Idempotency-Key was already processed, but its response can no longer be "
+        "replayed (the server's key for stored responses was changed). It was not run again: read the "
+        "resource, or send the request with a new Idempotency-Key."
+    )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Helpers for the process-supervision tests: the runner's children, a steady HTTP load, a Redis namespace.
+"""Helpers for the process-supervision tests: the runner's children and a steady HTTP load.
 
 `scripts/platform.py worker` runs its children (Celery main, `events-N` consumers) as direct
 children of the runner process; `children_matching` finds them by command line, which is how an
@@ -13,8 +13,6 @@ from datetime import UTC, datetime
 
 import httpx
 import psutil
-
-from iot.redis import get_redis
 
 CONSUMER = "run_event_consumers"
 CELERY = "celery"
@@ -38,12 +36,6 @@ def is_running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def flush_redis_prefix(prefix: str) -> None:
-    client = get_redis()
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        client.delete(key)
 
 
 @dataclass

@@ -7,14 +7,14 @@ from rest_framework.authtoken.models import Token
 
 from iot.api.authentication import CachedTokenAuthentication, _token_cache_key
 from iot.cache import timed_cache_get
+from iot.testing.factories import operator_token_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
 def token():
-    user = get_user_model().objects.create(username="cached-operator", is_staff=True)
-    return Token.objects.create(user=user)
+    return operator_token_create(username="cached-operator", staff=True)
 
 
 def authenticate(key):

@@ -22,6 +22,7 @@ import pytest
 import redis
 from django.db import connection
 
+from iot.testing.live import register_device
 from iot.testing.processes import (
     Platform,
     database_url,
@@ -101,12 +102,8 @@ def test_revocations_hold_across_a_redis_restart(tmp_path, django_db_blocker, op
     try:
         start_web(running, workers=2, log_dir=tmp_path)
         with http_client(running, operator_token) as api:
-            registered = api.post(
-                "/devices",
-                json={"serial_number": f"RESTART-{uuid.uuid4().hex}", "device_type": "s", "firmware_version": "1"},
-            )
-            assert registered.status_code == 201, registered.text
-            device_id, device_token = registered.json()["id"], registered.json()["device_token"]
+            registered = register_device(api, "RESTART")
+            device_id, device_token = registered["id"], registered["device_token"]
             as_device = {"Authorization": f"Device {device_token}"}
             as_revoked = {"Authorization": f"Token {revoked_token}"}
 

@@ -22,6 +22,7 @@ import httpx
 import psycopg
 import pytest
 
+from iot.testing.live import UNLIMITED, register_device
 from iot.testing.processes import (
     REPO_ROOT,
     Platform,
@@ -111,11 +112,7 @@ def test_postgres_outage_under_load(own_postgres, tmp_path):
         database=own_postgres.url,
         extra={
             "REDIS_KEY_PREFIX": f"iottest-outage-{uuid.uuid4().hex[:6]}",
-            "RATE_LIMIT_TELEMETRY_PER_DEVICE": "100000000",
-            "RATE_LIMIT_GLOBAL_PER_SECOND": "100000000",
-            "EVENT_QUEUE_MAX_SIZE": "10000000",
-            "BACKPRESSURE_QUEUE_THRESHOLD": "8000000",
-            "BACKPRESSURE_REJECT_THRESHOLD": "9500000",
+            **UNLIMITED,
         },
     )
     run_manage(env, "migrate", "--no-input", "-v", "0")
@@ -124,18 +121,7 @@ def test_postgres_outage_under_load(own_postgres, tmp_path):
     try:
         start_web(running, workers=2, log_dir=tmp_path)
         with http_client(running, token) as api:
-            device_ids = []
-            for n in range(8):
-                response = api.post(
-                    "/devices",
-                    json={
-                        "serial_number": f"OUTAGE-{n}-{uuid.uuid4().hex}",
-                        "device_type": "s",
-                        "firmware_version": "1",
-                    },
-                )
-                assert response.status_code == 201, response.text
-                device_ids.append(response.json()["id"])
+            device_ids = [register_device(api, "OUTAGE")["id"] for _ in range(8)]
 
             load = Load(platform=running, token=token, device_ids=device_ids)
             threads = [threading.Thread(target=load.run, args=(i,), daemon=True) for i in range(CLIENTS)]

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 
 import orjson
 import pytest
@@ -30,18 +29,13 @@ from iot.testing.processes import REPO_ROOT, wait_until
 
 
 @pytest.fixture(autouse=True)
-def namespace(settings):
+def namespace(redis_namespace, settings):
     """A key prefix of this test's own: its own stream, counter and group, shared with nothing else."""
-    prefix = f"{settings.REDIS_KEY_PREFIX}:eq-{uuid.uuid4().hex[:10]}"
-    settings.REDIS_KEY_PREFIX = prefix
     settings.EVENT_QUEUE_MAX_SIZE = 10_000
     settings.BACKPRESSURE_QUEUE_THRESHOLD = 8_000
     settings.BACKPRESSURE_REJECT_THRESHOLD = 9_500
     event_queue.ensure_consumer_group()
-    yield prefix
-    client = get_redis()
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        client.delete(key)
+    return redis_namespace
 
 
 def stream() -> str:

@@ -15,17 +15,12 @@ from iot.testing.processes import REPO_ROOT, wait_until
 
 
 @pytest.fixture(autouse=True)
-def namespace(settings):
+def namespace(redis_namespace, settings):
     """A key prefix of this test's own, so the global counter is not shared with anything else."""
-    prefix = f"{settings.REDIS_KEY_PREFIX}:rl-{uuid.uuid4().hex[:10]}"
-    settings.REDIS_KEY_PREFIX = prefix
     settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 100
     settings.RATE_LIMIT_WINDOW_SECONDS = 60
     settings.RATE_LIMIT_GLOBAL_PER_SECOND = 10_000
-    yield prefix
-    client = get_redis()
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        client.delete(key)
+    return redis_namespace
 
 
 def device() -> str:

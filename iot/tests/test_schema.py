@@ -105,7 +105,7 @@ def test_metadata_is_an_object_not_any_value(spec):
 
 def test_query_parameters_and_ids_are_documented(spec):
     listing = {p["name"]: p for p in spec["paths"]["/devices"]["get"]["parameters"]}
-    assert set(listing) == {"cursor", "group_id", "limit", "status"}
+    assert set(listing) == {"cursor", "group_id", "limit", "serial_number", "status"}
     assert (listing["limit"]["schema"]["minimum"], listing["limit"]["schema"]["maximum"]) == (1, 1000)
     device = {p["name"]: p for p in spec["paths"]["/devices/{id}"]["get"]["parameters"]}
     assert device["id"]["schema"] == {"type": "string", "format": "uuid"}

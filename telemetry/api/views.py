@@ -27,16 +27,14 @@ replay, so a retry after a 429/503 is tried afresh.
 import re
 import uuid
 
-from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import APIException, NotFound, ParseError, PermissionDenied, ValidationError
+from rest_framework.exceptions import NotFound, ParseError, PermissionDenied, ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from devices.selectors import device_get
-from iot.api.exceptions import Refusal
 from iot.api.permissions import IsOperatorOrDevice, is_device
 from iot.api.schema import BAD_QUERY, UNSUPPORTED_MEDIA, error_responses
 from iot.idempotency.http import HEADER as IDEMPOTENCY_HEADER
@@ -84,69 +82,9 @@ INGEST_PARAMETERS = [
 ]
 
 
-class Unprocessable(APIException):
-    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
-    default_code = "unprocessable"
-
-
-def _rate_limit_headers(decision) -> dict[str, str]:
-    return {"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": str(decision.remaining)}
-
-
 def _points_in(data) -> int:
     points = data.get("points") if isinstance(data, dict) else None
     return len(points) if isinstance(points, list) else 1
-
-
-def _refusal(exc: services.TelemetryRejected) -> APIException:
-    """The HTTP answer to a refusal of the ingestion service (nothing was stored)."""
-    if isinstance(exc, services.TelemetryBackpressure):
-        critical = exc.admission.state == "critical"
-        return Refusal(
-            "The platform is overloaded; retry later." if critical else "The platform is busy; slow down.",
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE if critical else status.HTTP_429_TOO_MANY_REQUESTS,
-            code="overloaded" if critical else "busy",
-            headers={"Retry-After": str(max(exc.admission.retry_after_seconds, 1))},
-        )
-    if isinstance(exc, services.TelemetryBatchOverLimit):
-        # A 429 because the seed's clients expect one for an oversized burst, but with no
-        # Retry-After: waiting never helps; only a smaller batch (or a higher limit) does.
-        limit = exc.decision.limit
-        return Refusal(
-            f"{exc.points} points can never fit the per-device limit of {limit} points per "
-            f"{settings.RATE_LIMIT_WINDOW_SECONDS} s; split the batch.",
-            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-            code="batch_exceeds_limit",
-            headers=_rate_limit_headers(exc.decision),
-            limit=limit,
-            points=exc.points,
-        )
-    if isinstance(exc, services.TelemetryRateLimited):
-        decision = exc.decision
-        return Refusal(
-            f"Rate limit exceeded (device): at most {decision.limit} points per device per window."
-            if decision.scope == "device"
-            else "Global telemetry rate limit exceeded; retry in a moment.",
-            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-            code="rate_limited",
-            headers={"Retry-After": str(max(decision.retry_after_seconds, 1)), **_rate_limit_headers(decision)},
-            scope=decision.scope,
-        )
-    if isinstance(exc, services.TelemetryRetryLater):
-        return Refusal(
-            str(exc),
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            code="retry_later",
-            headers={"Retry-After": "1"},
-        )
-    return Unprocessable({"device_id": [str(exc)]})
-
-
-_OUTCOMES = {
-    services.TelemetryBackpressure: "backpressure",
-    services.TelemetryRetryLater: "backpressure",
-    services.TelemetryRateLimited: "rate_limited",
-}
 
 
 class _IngestView(APIView):
@@ -161,6 +99,8 @@ class _IngestView(APIView):
         raise NotImplementedError
 
     def post(self, request):
+        # Input refused here never reaches the service, so it is counted here; the service
+        # counts what it decides (accepted, rate_limited, backpressure, invalid).
         try:
             batch = self.validate(request.data)
         except (ParseError, ValidationError, TelemetryOutOfWindow):
@@ -168,24 +108,20 @@ class _IngestView(APIView):
             raise
         if is_device(request.user) and request.user.device_id != batch.device_id:
             raise PermissionDenied("A device may only send its own telemetry.")
-        points = len(batch)
         accepted: list[services.IngestResult] = []
 
         def ingest() -> tuple[int, dict]:
-            try:
-                result = services.telemetry_points_ingest(batch=batch)
-            except services.TelemetryRejected as exc:
-                count_points(outcome=_OUTCOMES.get(type(exc), "invalid"), points=points)
-                raise _refusal(exc) from exc
-            count_points(outcome="accepted", points=points)
+            # A refusal (`TelemetryRejected`) propagates: inside an Idempotency-Key transaction
+            # the raise rolls the key back, and `api_exception_handler` gives its answer.
+            result = services.telemetry_points_ingest(batch=batch)
             accepted.append(result)
             return status.HTTP_202_ACCEPTED, self.accepted_body(result)
 
         # With an `Idempotency-Key`, a retry of a stored request replays its 202 and stores
-        # nothing more; only 202s are kept for replay (a refusal raises, which rolls the key back).
+        # nothing more; only 202s are kept for replay.
         response = idempotent_response(request, ingest)
         if accepted:
-            for name, value in _rate_limit_headers(accepted[0].rate_limit).items():
+            for name, value in accepted[0].headers.items():
                 response[name] = value
         return response
 
@@ -195,7 +131,7 @@ class TelemetryPointView(_IngestView):
         request=PointInSerializer,
         responses={202: AcceptedSerializer, **INGEST_RESPONSES},
         parameters=INGEST_PARAMETERS,
-        description="Store one point. 202 means it is committed. See the status scheme in the module docs.",
+        description="Store one point. 202 means it is stored; any other answer stores nothing.",
     )
     def post(self, request):
         return super().post(request)
@@ -212,7 +148,7 @@ class TelemetryBatchView(_IngestView):
         request=BatchInSerializer,
         responses={202: BatchAcceptedSerializer, **INGEST_RESPONSES},
         parameters=INGEST_PARAMETERS,
-        description="Store a batch of one device's points, all or nothing, in one statement. "
+        description="Store a batch of one device's points, all or nothing (202: all stored; any other answer: none). "
         "The rate limit counts points: a batch of n uses n.",
     )
     def post(self, request):

@@ -13,16 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from iot.redis import get_redis
-from iot.testing.processes import start_worker, wait_until
-from telemetry.tests.conftest import (
-    batch_body,
-    client_for,
-    dedicated_platform,
-    metric_value,
-    point_body,
-    register_device,
-    stored_points,
-)
+from iot.testing.live import dedicated_platform, metric_value, register_device
+from iot.testing.processes import http_client, start_worker, wait_until
+from iot.testing.telemetry import batch_body, point_body
+from telemetry.testing import stored_points
 
 pytestmark = pytest.mark.live
 
@@ -64,7 +58,7 @@ class ControlledPlatform:
 def bp(django_db_setup, django_db_blocker, platform_logs, operator_token):
     env = {**QUEUE, **NO_RATE_LIMIT}
     with dedicated_platform(django_db_blocker, platform_logs, name="bp", env=env, worker=False) as running:
-        with client_for(running, operator_token) as client:
+        with http_client(running, operator_token) as client:
             controlled = ControlledPlatform(running, client, platform_logs / "bp")
             try:
                 yield controlled

@@ -9,7 +9,9 @@ import uuid
 
 import pytest
 
-from telemetry.tests.conftest import batch_body, point_body, register_device, stored_points
+from iot.testing.live import register_device
+from iot.testing.telemetry import batch_body, point_body
+from telemetry.testing import stored_points
 
 pytestmark = pytest.mark.live
 

@@ -7,15 +7,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import httpx
 import pytest
 
-from telemetry.tests.conftest import (
-    batch_body,
-    metric_value,
-    now_iso,
-    point_body,
-    register_device,
-    scrape,
-    stored_points,
-)
+from iot.testing.live import metric_value, register_device, scrape
+from iot.testing.telemetry import batch_body, now_iso, point_body
+from telemetry.testing import stored_points
 
 pytestmark = pytest.mark.live
 

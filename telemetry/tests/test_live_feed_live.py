@@ -14,7 +14,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from iot.redis import get_redis
-from telemetry.tests.conftest import batch_body, client_for, dedicated_platform, point_body, register_device
+from iot.testing.live import dedicated_platform, register_device
+from iot.testing.processes import http_client
+from iot.testing.telemetry import batch_body, point_body
 
 pytestmark = pytest.mark.live
 
@@ -111,7 +113,7 @@ def short_timeout_platform(django_db_setup, django_db_blocker, platform_logs):
 
 @pytest.fixture(scope="module")
 def short_timeout_api(short_timeout_platform, operator_token):
-    with client_for(short_timeout_platform, operator_token) as client:
+    with http_client(short_timeout_platform, operator_token) as client:
         yield client
 
 

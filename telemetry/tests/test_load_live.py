@@ -14,8 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
+from iot.testing.live import metric_value, register_device, scrape
 from iot.testing.processes import wait_until
-from telemetry.tests.conftest import batch_body, metric_value, point_body, register_device, scrape, stored_points
+from iot.testing.telemetry import batch_body, point_body
+from telemetry.testing import stored_points
 
 pytestmark = pytest.mark.live
 

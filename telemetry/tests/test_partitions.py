@@ -10,7 +10,7 @@ from django.db import connection
 from django.utils import timezone
 
 from telemetry.models import DEFAULT_PARTITION, TABLE
-from telemetry.services import (
+from telemetry.partitions import (
     partition_name,
     telemetry_partition_window,
     telemetry_partitions_drop_expired,
@@ -123,17 +123,15 @@ def _ingest_while_a_partition_is_attached(caller_transaction: bool):
     """Force the race: the day's partition is created and attached in a transaction that holds
     the DEFAULT partition's lock while an insert for that day waits on it, then commits."""
     import threading
-    import uuid as uuid_module
 
     import psycopg
 
-    from devices.services import device_register
+    from devices.testing import device_create
     from iot.testing.processes import psycopg_conninfo, wait_until
-    from telemetry.services import PointColumns, _create_partition, telemetry_points_ingest
+    from telemetry.partitions import _create_partition
+    from telemetry.services import PointColumns, telemetry_points_ingest
 
-    device = device_register(
-        serial_number=f"PART-{uuid_module.uuid4().hex}", device_type="sensor", firmware_version="1.0"
-    ).device
+    device = device_create(serial_prefix="PART").device
     day = (timezone.now() - timedelta(days=10)).date()
     ts = datetime.combine(day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=12)
     with connection.cursor() as cursor:

@@ -11,16 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from iot.testing.processes import wait_until
-from telemetry.tests.conftest import (
-    batch_body,
-    client_for,
-    dedicated_platform,
-    metric_value,
-    point_body,
-    register_device,
-    stored_points,
-)
+from iot.testing.live import dedicated_platform, metric_value, register_device
+from iot.testing.processes import http_client, wait_until
+from iot.testing.telemetry import batch_body, point_body
+from telemetry.testing import stored_points
 
 pytestmark = pytest.mark.live
 
@@ -116,7 +110,7 @@ def short_window(django_db_setup, django_db_blocker, platform_logs, operator_tok
     """A live server whose device window is 2 s and whose global limit is 150 points/s."""
     env = {"RATE_LIMIT_WINDOW_SECONDS": "2", "RATE_LIMIT_GLOBAL_PER_SECOND": "150"}
     with dedicated_platform(django_db_blocker, platform_logs, name="window", env=env, worker=False) as running:
-        with client_for(running, operator_token) as client:
+        with http_client(running, operator_token) as client:
             yield client
 
 

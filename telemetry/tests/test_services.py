@@ -2,20 +2,25 @@
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import orjson
 import pytest
 import redis
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings as django_settings
 from django.db import transaction
 
 from devices.models import Device
-from devices.services import device_register, device_update
-from iot.event_queue import EventQueueFull
+from devices.services import device_update
+from devices.testing import device_create
+from iot.api.exceptions import api_exception_handler
+from iot.event_queue import Admission, EventQueueFull
+from iot.ratelimit import RateLimitDecision
 from iot.redis import get_redis
 from telemetry import events, selectors, services
-from telemetry.metrics import EVENTS_LOST
+from telemetry.metrics import EVENTS_LOST, POINTS
 from telemetry.models import TelemetryPoint
 from telemetry.redis_keys import device_messages_key, live_group_name, messages_per_second_key, messages_total_key
 
@@ -24,9 +29,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def device() -> Device:
-    return device_register(
-        serial_number=f"SN-SVC-{uuid.uuid4().hex}", device_type="sensor", firmware_version="1"
-    ).device
+    return device_create(serial_prefix="SN-SVC").device
 
 
 def columns(device_id, points: list[tuple[str, datetime, float]]) -> services.PointColumns:
@@ -133,6 +136,104 @@ def test_backpressure_refusal_comes_first(device, published, monkeypatch):
     assert not TelemetryPoint.objects.filter(device_id=device.pk).exists()
 
 
+FULL_WINDOW = RateLimitDecision(allowed=False, limit=100, remaining=0, retry_after_seconds=30, scope="device")
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status", "body", "headers"),
+    [
+        (
+            services.TelemetryBackpressure(Admission("warning", 8_000, 0)),
+            429,
+            {"detail": "The platform is busy; slow down.", "code": "busy"},
+            {"Retry-After": "1"},
+        ),
+        (
+            services.TelemetryBackpressure(Admission("critical", 9_600, 5)),
+            503,
+            {"detail": "The platform is overloaded; retry later.", "code": "overloaded"},
+            {"Retry-After": "5"},
+        ),
+        (
+            services.TelemetryRateLimited(FULL_WINDOW),
+            429,
+            {
+                "detail": "Rate limit exceeded (device): at most 100 points per device per window.",
+                "code": "rate_limited",
+                "scope": "device",
+            },
+            {"Retry-After": "30", "X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0"},
+        ),
+        (
+            services.TelemetryBatchOverLimit(FULL_WINDOW, 101),
+            429,
+            {
+                "detail": "101 points can never fit the per-device limit of 100 points per "
+                f"{django_settings.RATE_LIMIT_WINDOW_SECONDS} s; split the batch.",
+                "code": "batch_exceeds_limit",
+                "limit": 100,
+                "points": 101,
+            },
+            {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "0"},
+        ),
+        (
+            services.TelemetryRetryLater(),
+            503,
+            {"detail": "Telemetry storage is being reorganised; retry shortly.", "code": "retry_later"},
+            {"Retry-After": "1"},
+        ),
+        (services.TelemetryUnknownDevice("No device with id 7."), 422, {"device_id": ["No device with id 7."]}, {}),
+    ],
+    ids=["busy", "overloaded", "rate_limited", "batch_exceeds_limit", "retry_later", "unknown_device"],
+)
+def test_each_refusal_carries_its_http_answer(refusal, status, body, headers):
+    """The one mapping (`api_exception_handler`) gives what the service's exception says, nothing else."""
+    response = api_exception_handler(refusal, {})
+    assert (response.status_code, response.data) == (status, body)
+    sent = {
+        name: response[name]
+        for name in ("Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining")
+        if name in response
+    }
+    assert sent == headers
+
+
+def counted(outcome: str) -> float:
+    return POINTS.labels(outcome=outcome)._value.get()
+
+
+def test_the_service_counts_its_refusals_by_outcome(device, published, settings, monkeypatch):
+    settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 2
+    before = {outcome: counted(outcome) for outcome in ("rate_limited", "backpressure", "invalid")}
+    services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 2))
+    with pytest.raises(services.TelemetryRateLimited):
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
+    with pytest.raises(services.TelemetryBatchOverLimit):  # can never pass: invalid, not rate_limited
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 3))
+    with pytest.raises(services.TelemetryUnknownDevice):
+        services.telemetry_points_ingest(batch=columns(uuid.uuid4(), [("t", recent(1), 1.0)]))
+    monkeypatch.setattr(services, "event_queue_admission", lambda: Admission("warning", 8_000, 2))
+    with pytest.raises(services.TelemetryBackpressure):
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 5))
+    after = {outcome: counted(outcome) - before[outcome] for outcome in before}
+    assert after == {"rate_limited": 1, "backpressure": 5, "invalid": 3 + 1}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_accepted_points_are_counted_at_the_commit_and_never_for_a_rollback(device, published):
+    """Real commits and rollbacks (no test transaction around them): the count is a side effect of the commit."""
+    before = counted("accepted")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 3))
+        raise RuntimeError("the caller fails after ingesting")
+    assert counted("accepted") == before and published == []
+    with transaction.atomic():
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 2))
+        assert counted("accepted") == before and published == [], "counted before the commit"
+    assert counted("accepted") == before + 2 and len(published) == 1
+    assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 2
+
+
 def test_query_newest_first_across_metrics_and_windows(device, published):
     points = [(metric, recent(60 - i), float(i)) for i in range(30) for metric in ("a", "b", "c")]
     services.telemetry_points_ingest(batch=columns(device.pk, points))
@@ -170,7 +271,7 @@ def _event(device_id: str, n: int, received_at: datetime) -> dict:
     }
 
 
-def test_event_handler_counts_points_in_bounded_keys():
+def test_event_handler_counts_points_in_bounded_keys(redis_namespace):
     device_id = str(uuid.uuid4())
     received = datetime.now(UTC)
     client = get_redis()
@@ -184,19 +285,21 @@ def test_event_handler_counts_points_in_bounded_keys():
     assert selectors.telemetry_device_message_counts(device_ids=[device_id, silent]) == {device_id: 5, silent: 0}
     assert int(client.hget(device_messages_key(), device_id)) == 5
     second_key = messages_per_second_key(int(received.timestamp()))
-    assert int(client.get(second_key)) >= 5
+    assert int(client.get(second_key)) == 5  # this test's own namespace: nothing else counted there
     assert 0 < client.ttl(second_key) <= 300
     assert client.type(messages_total_key()) == b"string"
 
 
-def test_messages_per_second_averages_the_last_complete_seconds():
-    client = get_redis()
+def test_messages_per_second_averages_the_last_complete_seconds(redis_namespace, monkeypatch):
+    """The 10 complete seconds before the current one count; the current second (still filling) and older don't."""
     now = int(datetime.now(UTC).timestamp())
-    keys = [messages_per_second_key(now - offset) for offset in range(1, 11)]
-    client.delete(*keys)
-    for key in keys[:4]:
-        client.set(key, 25, ex=60)
-    assert selectors.telemetry_messages_per_second(window_seconds=10) in (10.0, 7.5)  # a second may tick over
+    monkeypatch.setattr(selectors, "time", SimpleNamespace(time=lambda: now + 0.5))  # no second ticks over
+    client = get_redis()
+    for offset in (1, 2, 3, 10):
+        client.set(messages_per_second_key(now - offset), 25, ex=60)
+    client.set(messages_per_second_key(now), 1000, ex=60)
+    client.set(messages_per_second_key(now - 11), 1000, ex=60)
+    assert selectors.telemetry_messages_per_second(window_seconds=10) == 10.0
 
 
 def test_event_handler_pushes_to_the_live_group():

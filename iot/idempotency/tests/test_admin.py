@@ -4,20 +4,18 @@ import secrets
 import uuid
 
 import pytest
-from django.contrib.auth.models import Permission
 
 from iot.idempotency.models import IdempotencyKey
 from iot.idempotency.services import idempotent_execute, request_fingerprint
+from iot.testing.factories import user_create
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def viewer(client, django_user_model):
+def viewer(client):
     """A staff user who may only view idempotency keys."""
-    user = django_user_model.objects.create(username=f"viewer-{uuid.uuid4().hex[:8]}", is_staff=True)
-    user.user_permissions.add(Permission.objects.get(codename="view_idempotencykey"))
-    client.force_login(user)
+    client.force_login(user_create(staff=True, permissions=["view_idempotencykey"]))
     return client
 
 

@@ -16,6 +16,7 @@ from devices.models import Device
 from iot.idempotency import services
 from iot.idempotency.models import IdempotencyKey
 from iot.idempotency.services import idempotent_execute, request_fingerprint
+from iot.testing.factories import user_create
 
 KEY_A = "a" * 16 + secrets.token_hex(16)
 KEY_B = "b" * 16 + secrets.token_hex(16)
@@ -90,9 +91,9 @@ def test_the_default_key_follows_a_django_secret_key_rotation():
 
 
 @pytest.fixture
-def operator_client(django_user_model):
+def operator_client():
     client = APIClient()
-    client.force_authenticate(django_user_model.objects.create(username=f"op-{uuid.uuid4().hex[:8]}"))
+    client.force_authenticate(user_create())
     return client
 
 

@@ -51,7 +51,8 @@ from tempfile import SpooledTemporaryFile
 
 from django.conf import settings
 
-OPS_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
+# With their one-trailing-slash forms, which iot/urls.py serves in place too.
+OPS_PATHS = frozenset(path + suffix for path in ("/health/live", "/health/ready", "/metrics") for suffix in ("", "/"))
 # One header name repeated this often is an attack or a broken client, never a real request.
 MAX_DUPLICATE_HEADERS = 100
 _JSON = [(b"content-type", b"application/json")]

@@ -72,7 +72,7 @@ def test_a_request_is_answered_in_one_piece_from_the_request_pool():
     assert app.calls[0][1].startswith("http_")
 
 
-@pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/metrics"])
+@pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/metrics", "/health/live/", "/metrics/"])
 def test_ops_endpoints_answer_while_every_request_thread_is_busy(path):
     """Liveness must not queue behind request threads stuck on, e.g., a dead database."""
     release = threading.Event()

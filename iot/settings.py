@@ -322,3 +322,24 @@ ALERT_WEBHOOK_ALLOW_PRIVATE = env.bool("ALERT_WEBHOOK_ALLOW_PRIVATE", default=Fa
 # Connecting (DNS, TCP and TLS handshake), and then each read or write, may take this long.
 WEBHOOK_CONNECT_TIMEOUT_SECONDS = env.float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", default=2.0)
 WEBHOOK_READ_TIMEOUT_SECONDS = env.float("WEBHOOK_READ_TIMEOUT_SECONDS", default=5.0)
+
+# --- Alert notifications: the outbox (alerts/tasks.py) ---
+# A notification not delivered by then is marked expired (logged and counted), never retried again.
+ALERT_NOTIFICATION_TTL_SECONDS = env.float("ALERT_NOTIFICATION_TTL_SECONDS", default=86_400.0)
+# Retries back off exponentially from this delay (with jitter) up to the cap.
+ALERT_NOTIFICATION_RETRY_BASE_SECONDS = env.float("ALERT_NOTIFICATION_RETRY_BASE_SECONDS", default=2.0)
+ALERT_NOTIFICATION_RETRY_MAX_SECONDS = env.float("ALERT_NOTIFICATION_RETRY_MAX_SECONDS", default=300.0)
+# A claimed row is another worker's again after this long (its worker died mid-delivery): keep it above the
+# longest call (WEBHOOK_CONNECT_TIMEOUT_SECONDS + WEBHOOK_READ_TIMEOUT_SECONDS).
+ALERT_NOTIFICATION_LEASE_SECONDS = env.float("ALERT_NOTIFICATION_LEASE_SECONDS", default=30.0)
+# How often the sweeper re-queues due rows whose task was lost, and how many per run.
+ALERT_NOTIFICATION_SWEEP_INTERVAL_SECONDS = env.float("ALERT_NOTIFICATION_SWEEP_INTERVAL_SECONDS", default=30.0)
+ALERT_NOTIFICATION_SWEEP_BATCH = env.int("ALERT_NOTIFICATION_SWEEP_BATCH", default=1000)
+if ALERT_NOTIFICATION_TTL_SECONDS <= 0 or ALERT_NOTIFICATION_RETRY_BASE_SECONDS <= 0:
+    raise ImproperlyConfigured("ALERT_NOTIFICATION_TTL_SECONDS and _RETRY_BASE_SECONDS must be positive.")
+if ALERT_NOTIFICATION_LEASE_SECONDS <= WEBHOOK_CONNECT_TIMEOUT_SECONDS + WEBHOOK_READ_TIMEOUT_SECONDS:
+    raise ImproperlyConfigured("ALERT_NOTIFICATION_LEASE_SECONDS must exceed the webhook connect + read timeouts.")
+CELERY_BEAT_SCHEDULE["alert-notifications-sweep"] = {
+    "task": "alerts.tasks.notifications_sweep",
+    "schedule": ALERT_NOTIFICATION_SWEEP_INTERVAL_SECONDS,
+}

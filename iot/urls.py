@@ -91,6 +91,7 @@ urlpatterns = [
     ),
     path("", include("devices.api.urls")),
     path("", include("telemetry.api.urls")),
+    path("", include("alerts.api.urls")),
     # Keep last: only a path nothing above matched comes here (one trailing slash, not "//").
     re_path(r"^(?P<path>.*[^/])/$", without_trailing_slash),
 ]

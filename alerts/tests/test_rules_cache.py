@@ -1,0 +1,98 @@
+"""The rules cache: a rule change is seen by the very next evaluation, and no stale fill ever lands."""
+
+import pytest
+import redis
+from django.conf import settings
+
+from alerts import cache as alerts_cache
+from alerts.cache import rules_cache_get_many, rules_cache_key
+from alerts.models import Alert, AlertRule, AlertRuleScope
+from alerts.selectors import _scopes_read, alert_rules_for
+from alerts.services import alert_rule_delete, alert_rule_update
+from alerts.testing import points_evaluate, rule_create
+from devices.testing import device_create
+from iot.cache import versioned_cache_fill
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def device():
+    return device_create(serial_prefix="RULES", group_id="cache-group").device
+
+
+def alerts_of(device) -> int:
+    return Alert.objects.filter(device=device).count()
+
+
+@pytest.mark.parametrize("scope", ["device", "group"])
+def test_every_rule_change_applies_to_the_next_evaluation(device, scope):
+    def evaluate(value):
+        points_evaluate(device_id=device.pk, group_id="cache-group", values=[value])
+        return alerts_of(device)
+
+    assert evaluate(100.0) == 0  # caches "no rules" for both scopes
+    target = {"device_id": device.pk} if scope == "device" else {"group_id": "cache-group"}
+    rule = rule_create(**target, threshold=50.0)
+    assert evaluate(60.0) == 1  # created: seen at once
+    Alert.objects.all().delete()
+    alert_rule_update(rule_id=rule.pk, changes={"threshold": 70.0})
+    assert evaluate(60.0) == 0  # raised threshold: seen at once
+    alert_rule_update(rule_id=rule.pk, changes={"operator": "lt"})
+    assert evaluate(60.0) == 1
+    Alert.objects.all().delete()
+    alert_rule_update(rule_id=rule.pk, changes={"enabled": False})
+    assert evaluate(0.0) == 0
+    alert_rule_update(rule_id=rule.pk, changes={"enabled": True, "metric": "humidity"})
+    assert evaluate(0.0) == 0
+    points_evaluate(device_id=device.pk, group_id="cache-group", metric="humidity", values=[0.0])
+    assert alerts_of(device) == 1
+    alert_rule_delete(rule_id=rule.pk)
+    points_evaluate(device_id=device.pk, group_id="cache-group", metric="humidity", values=[0.0])
+    assert alerts_of(device) == 0  # the rule's alerts went with it, and it raised no new one
+
+
+def test_a_fill_from_a_read_before_a_rule_write_is_refused(device):
+    """The reader missed and read "no rules"; a rule is created (committed) before its fill: the fill must
+    not land, or ingestion would go on ignoring the new rule until the entry expired."""
+    key = rules_cache_key(f"device:{device.pk}")
+    [lookup] = rules_cache_get_many(keys=[key])
+    [(version, payload)] = _scopes_read(device_id=device.pk, group_id=None)
+    assert (version, payload) == (0, b"{}")
+    rule = rule_create(device_id=device.pk)
+    stored = versioned_cache_fill(
+        key=key, version=version, payload=payload, lookup=lookup, ttl_seconds=settings.DEVICE_CACHE_TTL_SECONDS
+    )
+    assert not stored
+    rules = alert_rules_for(device_id=device.pk, group_id=None)
+    assert rules == {"temperature": [[str(rule.pk), "gt", 50.0, "warning", False]]}
+    assert AlertRuleScope.objects.get(scope=f"device:{device.pk}").version == 1
+
+
+def test_cached_rules_cost_one_round_trip_for_both_scopes(device, monkeypatch):
+    own = rule_create(device_id=device.pk, metric="temperature", threshold=1.0)
+    group = rule_create(group_id="cache-group", metric="temperature", threshold=2.0, severity="critical")
+    alert_rules_for(device_id=device.pk, group_id="cache-group")  # fills both
+    calls = []
+    original = redis.Redis.execute_command
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    rules = alert_rules_for(device_id=device.pk, group_id="cache-group")
+    assert calls == ["EVALSHA"]
+    assert sorted(rules["temperature"]) == sorted(
+        [[str(own.pk), "gt", 1.0, "warning", False], [str(group.pk), "gt", 2.0, "critical", False]]
+    )
+
+
+def test_a_rule_write_fails_whole_when_redis_cannot_be_told(device, monkeypatch):
+    def unreachable(**kwargs):
+        raise redis.ConnectionError("down")
+
+    monkeypatch.setattr(alerts_cache, "versioned_cache_invalidate", unreachable)
+    with pytest.raises(redis.ConnectionError):
+        rule_create(device_id=device.pk)
+    assert not AlertRule.objects.exists() and not AlertRuleScope.objects.exists()

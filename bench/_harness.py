@@ -96,3 +96,33 @@ def summarize(latencies_s: list[float]) -> str:
         f"p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms, "
         f"mean {statistics.fmean(ms):.1f} ms, max {max(ms):.1f} ms"
     )
+
+
+# Limits high enough that only the measured code decides (queue never full, no rate limit).
+UNLIMITED_ENV = {
+    "RATE_LIMIT_TELEMETRY_PER_DEVICE": "1000000000",
+    "RATE_LIMIT_GLOBAL_PER_SECOND": "1000000000",
+    "EVENT_QUEUE_MAX_SIZE": "1000000000",
+    "BACKPRESSURE_QUEUE_THRESHOLD": "900000000",
+    "BACKPRESSURE_REJECT_THRESHOLD": "950000000",
+}
+
+
+def in_process_django(*, database_name: str, redis_prefix: str) -> str:
+    """Set up Django in this process on a fresh migrated database with the limits out of the way
+    (for in-process benches that time the full request stack); returns the database URL."""
+    database = fresh_database(database_name)
+    os.environ.update(
+        {
+            "DATABASE_URL": database,
+            "DJANGO_SETTINGS_MODULE": "iot.settings",
+            "REDIS_KEY_PREFIX": redis_prefix,
+            "LOG_LEVEL": "WARNING",
+            **_bench_secret(),
+            **UNLIMITED_ENV,
+        }
+    )
+    import django
+
+    django.setup()
+    return database

@@ -35,7 +35,6 @@ are reported.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -47,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-from _harness import fresh_database  # noqa: E402
+from _harness import in_process_django  # noqa: E402
 
 
 def main() -> None:
@@ -57,25 +56,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="points per request (1: /telemetry/point)")
     args = parser.parse_args()
 
-    database = fresh_database("iot_bench_alerts")
     prefix = f"iotbench-alerts-{uuid.uuid4().hex[:6]}"
-    os.environ.update(
-        {
-            "DATABASE_URL": database,
-            "DJANGO_SETTINGS_MODULE": "iot.settings",
-            "DJANGO_SECRET_KEY": os.environ.get("DJANGO_SECRET_KEY", "bench-only-secret-key"),
-            "REDIS_KEY_PREFIX": prefix,
-            "RATE_LIMIT_TELEMETRY_PER_DEVICE": "1000000000",
-            "RATE_LIMIT_GLOBAL_PER_SECOND": "1000000000",
-            "EVENT_QUEUE_MAX_SIZE": "1000000000",
-            "BACKPRESSURE_QUEUE_THRESHOLD": "900000000",
-            "BACKPRESSURE_REJECT_THRESHOLD": "950000000",
-            "LOG_LEVEL": "WARNING",
-        }
-    )
-    import django
-
-    django.setup()
+    in_process_django(database_name="iot_bench_alerts", redis_prefix=prefix)
     import psycopg
     from django.contrib.auth import get_user_model
     from django.db import DEFAULT_DB_ALIAS, connections, transaction
@@ -84,7 +66,7 @@ def main() -> None:
 
     from alerts.services import alert_rule_create, alerts_evaluate
     from devices.services import device_register
-    from iot.redis import get_redis
+    from iot.testing.redis import redis_prefix_flush
     from telemetry.services import PointColumns, telemetry_points_ingest
 
     def device(group: str) -> uuid.UUID:
@@ -241,8 +223,7 @@ def main() -> None:
     print(
         f"rules read in the insert statement instead: {added:+.3f} ms CPU ({added / http_cpu:+.1%} of the HTTP request)"
     )
-    for key in get_redis().scan_iter(match=f"{prefix}:*", count=1000):
-        get_redis().delete(key)
+    redis_prefix_flush(prefix)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ transaction around it all. Without the header nothing of that runs.
 """
 
 import argparse
-import os
 import sys
 import time
 import uuid
@@ -29,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-from _harness import fresh_database  # noqa: E402
+from _harness import in_process_django  # noqa: E402
 
 
 def main() -> None:
@@ -39,30 +38,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="1: /telemetry/point; more: /telemetry/batch")
     args = parser.parse_args()
 
-    database = fresh_database("iot_bench_idempotency")
-    os.environ.update(
-        {
-            "DATABASE_URL": database,
-            "DJANGO_SETTINGS_MODULE": "iot.settings",
-            "DJANGO_SECRET_KEY": os.environ.get("DJANGO_SECRET_KEY", "bench-only-secret-key"),
-            "REDIS_KEY_PREFIX": f"iotbench-idem-{uuid.uuid4().hex[:6]}",
-            "RATE_LIMIT_TELEMETRY_PER_DEVICE": "1000000000",
-            "RATE_LIMIT_GLOBAL_PER_SECOND": "1000000000",
-            "EVENT_QUEUE_MAX_SIZE": "1000000000",
-            "BACKPRESSURE_QUEUE_THRESHOLD": "900000000",
-            "BACKPRESSURE_REJECT_THRESHOLD": "950000000",
-            "LOG_LEVEL": "WARNING",
-        }
-    )
-    import django
-
-    django.setup()
+    prefix = f"iotbench-idem-{uuid.uuid4().hex[:6]}"
+    in_process_django(database_name="iot_bench_idempotency", redis_prefix=prefix)
     from django.contrib.auth import get_user_model
     from django.test import Client
     from rest_framework.authtoken.models import Token
 
     from devices.services import device_register
-    from iot.redis import get_redis
+    from iot.testing.redis import redis_prefix_flush
 
     user = get_user_model().objects.create(username="bench")
     token = Token.objects.create(user=user).key
@@ -108,8 +91,7 @@ def main() -> None:
         f"with/without: wall x{wall_on / wall_off:.2f} (+{(wall_on - wall_off) / args.rounds:.3f} ms), "
         f"CPU x{cpu_on / cpu_off:.2f} (+{(cpu_on - cpu_off) / args.rounds:.3f} ms)"
     )
-    for key in get_redis().scan_iter(match=f"{os.environ['REDIS_KEY_PREFIX']}:*", count=1000):
-        get_redis().delete(key)
+    redis_prefix_flush(prefix)
 
 
 if __name__ == "__main__":

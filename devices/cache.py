@@ -6,10 +6,9 @@ Built on the version-guarded cache in `iot.cache`; the `version` column is the g
 from uuid import UUID
 
 import orjson
-from django.db import connection, transaction
 
 from devices.models import Device
-from iot.cache import versioned_cache_invalidate
+from iot.cache import versioned_cache_invalidate_with_commit
 from iot.redis import redis_key
 
 # The credential hash never leaves Postgres.
@@ -39,13 +38,5 @@ def device_from_cache(payload: bytes) -> Device:
 
 
 def device_cache_invalidate(*, device_id: UUID | str, version: int) -> None:
-    """Tombstone the cached device now and, if inside a transaction, again after commit.
-
-    The in-transaction call makes a write fail (and roll back) rather than
-    commit while Redis can't be told; the after-commit call covers transactions
-    that outlive the tombstone.
-    """
-    key = device_cache_key(device_id)
-    versioned_cache_invalidate(key=key, version=version)
-    if connection.in_atomic_block:
-        transaction.on_commit(lambda: versioned_cache_invalidate(key=key, version=version), robust=True)
+    """Tombstone the cached device now and, if inside a transaction, again after commit."""
+    versioned_cache_invalidate_with_commit(key=device_cache_key(device_id), version=version)

@@ -41,6 +41,7 @@ server count, and a fill whose miss was seen by an earlier server is refused.
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db import connection, transaction
 
 from iot.redis import register_script
 
@@ -58,6 +59,28 @@ local entry = redis.call('HMGET', KEYS[1], 'd', 'e')
 if entry[1] and entry[2] == epoch then return {{1, entry[1]}} end
 {_NOW_MS}
 return {{0, now_ms, epoch}}
+"""
+)
+
+# `_GET` for several keys in one round trip: per key {1, payload} on a hit, else {0, now_ms};
+# the epoch once, last.
+_GET_MANY = register_script(
+    f"""
+{_EPOCH}
+{_NOW_MS}
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  local entry = redis.call('HMGET', key, 'd', 'e')
+  if entry[1] and entry[2] == epoch then
+    out[#out + 1] = 1
+    out[#out + 1] = entry[1]
+  else
+    out[#out + 1] = 0
+    out[#out + 1] = now_ms
+  end
+end
+out[#out + 1] = epoch
+return out
 """
 )
 
@@ -132,6 +155,18 @@ def versioned_cache_get(*, key: str) -> CacheLookup:
     return CacheLookup(payload=None, read_started_ms=int(value[0]), epoch=value[1])
 
 
+def versioned_cache_get_many(*, keys: list[str]) -> list[CacheLookup]:
+    """`versioned_cache_get` for several keys in one round trip, in the order of `keys`."""
+    flat = _GET_MANY(keys=keys)
+    epoch = flat[-1]
+    return [
+        CacheLookup(payload=flat[2 * i + 1])
+        if flat[2 * i]
+        else CacheLookup(payload=None, read_started_ms=int(flat[2 * i + 1]), epoch=epoch)
+        for i in range(len(keys))
+    ]
+
+
 def versioned_cache_fill(*, key: str, version: int, payload: bytes, lookup: CacheLookup, ttl_seconds: int) -> bool:
     """Store `payload` read after `lookup` missed, unless a newer version is known, the read is
     too old, or Redis restarted since the miss; True if stored."""
@@ -152,6 +187,18 @@ def versioned_cache_fill(*, key: str, version: int, payload: bytes, lookup: Cach
 def versioned_cache_invalidate(*, key: str, version: int) -> None:
     """Forget any payload older than or equal to `version` and refuse older fills."""
     _INVALIDATE(keys=[key], args=[version, _tombstone_ttl_ms()])
+
+
+def versioned_cache_invalidate_with_commit(*, key: str, version: int) -> None:
+    """What a writer calls: tombstone now and, inside a transaction, again after commit.
+
+    The in-transaction call makes a write fail (and roll back) rather than commit while
+    Redis can't be told; the after-commit call covers a transaction that outlives the
+    tombstone.
+    """
+    versioned_cache_invalidate(key=key, version=version)
+    if connection.in_atomic_block:
+        transaction.on_commit(lambda: versioned_cache_invalidate(key=key, version=version), robust=True)
 
 
 def timed_cache_get(*, key: str) -> CacheLookup:

@@ -4,13 +4,13 @@ import pytest
 import redis
 from django.conf import settings
 
-from alerts import cache as alerts_cache
 from alerts.cache import rules_cache_get_many, rules_cache_key
 from alerts.models import Alert, AlertRule, AlertRuleScope
 from alerts.selectors import _scopes_read, alert_rules_for
 from alerts.services import alert_rule_delete, alert_rule_update
 from alerts.testing import points_evaluate, rule_create
 from devices.testing import device_create
+from iot import cache as iot_cache
 from iot.cache import versioned_cache_fill
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -92,7 +92,7 @@ def test_a_rule_write_fails_whole_when_redis_cannot_be_told(device, monkeypatch)
     def unreachable(**kwargs):
         raise redis.ConnectionError("down")
 
-    monkeypatch.setattr(alerts_cache, "versioned_cache_invalidate", unreachable)
+    monkeypatch.setattr(iot_cache, "versioned_cache_invalidate", unreachable)
     with pytest.raises(redis.ConnectionError):
         rule_create(device_id=device.pk)
     assert not AlertRule.objects.exists() and not AlertRuleScope.objects.exists()

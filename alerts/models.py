@@ -148,7 +148,8 @@ class AlertRuleChannel(models.Model):
 class AlertRuleScope(models.Model):
     """The version of the set of rules of one scope (`device:<id>` or `group:<g>`).
 
-    Bumped (`INSERT ... ON CONFLICT DO UPDATE SET version = version + 1`) in the
+    Bumped (`INSERT ... ON CONFLICT DO UPDATE`, to the later of version + 1 and the current time in
+    microseconds, so that a version never repeats, even across an emptied table) in the
     transaction of every write to a rule of the scope; it is the guard of that
     scope's entry in the rules cache (`alerts.cache`). A scope that never had a
     rule has no row: version 0. Rows are never deleted (a deleted scope's version

@@ -69,45 +69,97 @@ def _scopes_read(*, device_id: uuid.UUID, group_id: str | None) -> list[tuple[in
     return read
 
 
-def alert_rules_for(*, device_id: uuid.UUID, group_id: str | None) -> RulesByMetric:
+# The versions of a device's two rule scopes, as a scalar SQL expression over `d` (the device row
+# the telemetry insert joins: columns `id`, `group_id`): the insert statement returns it, in its own
+# snapshot, so an evaluation knows the versions without a round trip. Two primary-key probes of a
+# small table. 0 = the scope never had a rule (no row), which is what most devices are.
+_DEVICE_SCOPE_PREFIX = rule_scope(device_id="", group_id=None)
+_GROUP_SCOPE_PREFIX = rule_scope(device_id=None, group_id="")
+RULE_VERSIONS_SQL = (
+    f"ARRAY[COALESCE((SELECT version FROM {_SCOPES} WHERE scope = '{_DEVICE_SCOPE_PREFIX}' || d.id::text), 0),"
+    f" COALESCE((SELECT version FROM {_SCOPES} WHERE scope = '{_GROUP_SCOPE_PREFIX}' || d.group_id), 0)]"
+)
+
+# This process's copy of the scopes it evaluated lately: scope -> (version, rules by metric). Exact,
+# not merely fresh: an entry is used only when its version is at least the one the insert statement
+# just read from Postgres, and every rule write bumps that version in its own transaction. Bounded;
+# when full, the oldest entry goes (insertion order).
+_local_rules: dict[str, tuple[int, RulesByMetric]] = {}
+
+
+def _local_rules_store(scope: str, version: int, rules: RulesByMetric) -> None:
+    if scope not in _local_rules and len(_local_rules) >= settings.ALERT_RULES_LOCAL_CACHE_SIZE:
+        try:
+            del _local_rules[next(iter(_local_rules))]
+        except (KeyError, StopIteration, RuntimeError):  # another thread got there first
+            pass
+    _local_rules[scope] = (version, rules)
+
+
+def _merge(parts: list[RulesByMetric]) -> RulesByMetric:
+    """The rules of several scopes by metric, in a new dict: cached dicts are shared, never mutated."""
+    parts = [part for part in parts if part]
+    if len(parts) <= 1:
+        return parts[0] if parts else {}
+    merged: RulesByMetric = {}
+    for part in parts:
+        for metric, metric_rules in part.items():
+            merged[metric] = merged.get(metric, []) + metric_rules
+    return merged
+
+
+def alert_rules_for(*, device_id: uuid.UUID, group_id: str | None, versions: list[int] | None = None) -> RulesByMetric:
     """The enabled rules a device's points are evaluated against (its own and its group's), by metric.
 
-    One Redis round trip when both scopes are cached (empty scopes included), which is
-    the steady state: with no rule anywhere this is the whole cost of an evaluation.
-    A miss reads both scopes in one SQL statement and fills the missed entries, each
-    fill refused if a rule write of that scope has been tombstoned since (`iot.cache`),
-    so a rule change is seen by the very next evaluation after its commit.
+    `versions` are the scopes' versions (device's, group's) as the caller's insert statement
+    read them (`RULE_VERSIONS_SQL`). With them, a scope at version 0 has no rule and costs
+    nothing, and a scope this process holds at that version or newer costs nothing either:
+    the steady state of ingestion makes no Redis call and no query here. What is left (or
+    everything, without `versions`) comes from the shared version-guarded cache in Redis, one
+    round trip for both scopes; a miss there reads both scopes in one SQL statement and fills
+    the missed entries, each fill refused if a rule write of that scope has been tombstoned
+    since (`iot.cache`), so a rule change is seen by the very next evaluation after its commit.
     """
     scopes = [rule_scope(device_id=device_id, group_id=None)]
     if group_id is not None:
         scopes.append(rule_scope(device_id=None, group_id=group_id))
-    keys = [rules_cache_key(scope) for scope in scopes]
+    parts: list[RulesByMetric | None] = [None] * len(scopes)
+    if versions is not None:
+        for index, scope in enumerate(scopes):
+            if versions[index] == 0:
+                parts[index] = {}
+                continue
+            held = _local_rules.get(scope)
+            if held is not None and held[0] >= versions[index]:
+                parts[index] = held[1]
+        if None not in parts:
+            return _merge(parts)
+    wanted = [index for index, part in enumerate(parts) if part is None]
+    keys = [rules_cache_key(scopes[index]) for index in wanted]
     lookups = rules_cache_get_many(keys=keys)
-    payloads = [lookup.payload for lookup in lookups]
-    if None in payloads:
-        read = _scopes_read(device_id=device_id, group_id=group_id)
-        for index, lookup in enumerate(lookups):
-            if lookup.payload is None:
-                version, payload = read[index]
-                payloads[index] = payload
-                versioned_cache_fill(
-                    key=keys[index],
-                    version=version,
-                    payload=payload,
-                    lookup=lookup,
-                    ttl_seconds=settings.DEVICE_CACHE_TTL_SECONDS,
-                )
-    rules: RulesByMetric = {}
-    for payload in payloads:
-        if payload == _EMPTY:
-            continue
-        scope_rules = orjson.loads(payload)
-        if not rules:
-            rules = scope_rules
-            continue
-        for metric, metric_rules in scope_rules.items():
-            rules[metric] = rules.get(metric, []) + metric_rules
-    return rules
+    read = None
+    for position, index in enumerate(wanted):
+        lookup = lookups[position]
+        if lookup.payload is not None:
+            payload = lookup.payload
+            # A hit is at least the version the statement read: that version's writer tombstoned
+            # the entry before committing, and older fills are refused from then on.
+            version = versions[index] if versions is not None else None
+        else:
+            if read is None:
+                read = _scopes_read(device_id=device_id, group_id=group_id)
+            version, payload = read[index]
+            versioned_cache_fill(
+                key=keys[position],
+                version=version,
+                payload=payload,
+                lookup=lookup,
+                ttl_seconds=settings.DEVICE_CACHE_TTL_SECONDS,
+            )
+        parts[index] = {} if payload == _EMPTY else orjson.loads(payload)
+        if version is not None:
+            _local_rules_store(scopes[index], version, parts[index])
+    return _merge(parts)
 
 
 def alert_rule_get(*, rule_id: uuid.UUID) -> AlertRule | None:

@@ -189,17 +189,21 @@ def alerts_evaluate(
     metrics: list[str],
     values: list[float],
     timestamps: list[datetime],
+    rule_versions: list[int] | None = None,
 ) -> EvaluationResult:
     """Evaluate a device's stored points against its rules and open or count alerts.
 
     Call it in the transaction that stores the points, after their insert, with the
     device's group as that transaction sees it. `metrics`, `values`, `timestamps`
-    are the points column-wise (equal lengths). With no rule for the device this is
-    one Redis round trip; with violations, one SQL statement more, however many
-    points and rules are involved. Raises what Redis or Postgres raise (the ingest
+    are the points column-wise (equal lengths). `rule_versions` are the versions of the
+    device's rule scopes as the insert statement read them (`RULE_VERSIONS_SQL`, which
+    telemetry evaluates for this hook): with them, a device with no rule, or whose rules
+    this process holds at that version, costs no round trip at all; without them, one
+    Redis round trip. With violations, one SQL statement more, however many points and
+    rules are involved. Raises what Redis or Postgres raise (the ingest
     is then refused, never accepted unevaluated).
     """
-    rules = alert_rules_for(device_id=device_id, group_id=group_id)
+    rules = alert_rules_for(device_id=device_id, group_id=group_id, versions=rule_versions)
     if not rules:
         return NOTHING
     # rule id -> [rule, count, index of the first violation, index of the last (by timestamp), metric].
@@ -316,9 +320,15 @@ def alert_resolve(*, alert_id: uuid.UUID, by: AbstractBaseUser | None) -> Alert:
 
 # --- Rules -------------------------------------------------------------------------------------
 
+# The new version is at least the current time in microseconds, not just the old one plus one, so
+# versions never repeat even if the table is emptied or restored from a backup: a cache entry (in
+# Redis, or a process's own copy in `alerts.selectors`) made at some version can never be taken for
+# a later, different rule set that happens to reach the same number.
 _SCOPE_BUMP_SQL = f"""
-INSERT INTO {AlertRuleScope._meta.db_table} AS s (scope, version) VALUES (%s, 1)
-ON CONFLICT (scope) DO UPDATE SET version = s.version + 1
+INSERT INTO {AlertRuleScope._meta.db_table} AS s (scope, version)
+VALUES (%s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+ON CONFLICT (scope) DO UPDATE
+SET version = GREATEST(s.version + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
 RETURNING version
 """
 

@@ -4,32 +4,28 @@
     python bench/alerts_eval.py [--requests 1000] [--rounds 3] [--batch-size 1]
 
 Rule evaluation runs inside the ingest transaction (`alerts.services.alerts_evaluate`,
-called after the points' insert). This runs, one request at a time against real
-Postgres and Redis (DATABASE_URL / REDIS_URL), these modes:
+the hook telemetry calls after the points' insert; the insert statement itself also
+returns the versions of the device's rule scopes, `alerts.selectors.RULE_VERSIONS_SQL`).
+This runs, one request at a time against real Postgres and Redis (DATABASE_URL /
+REDIS_URL), these modes:
 
 * `http`: a whole `POST /telemetry/point|batch` through Django's stack (middleware,
-  auth, DRF, validation, ingestion): the CPU a web process spends on an ingest
-  request, the denominator of the target;
-* `ingest`: `telemetry_points_ingest` alone, in a transaction (admission, rate
-  limit, insert, mark-seen, commit, after-commit publish);
-* `ingest + evaluate, no rule`: the same plus `alerts_evaluate` in the same
-  transaction, as the hook will run it, for a device in a group, with rules on
-  other devices and groups but none on this device or its group;
-* `ingest + evaluate, every point matching`: the same for a device whose group rule
-  every point violates (one `INSERT ... ON CONFLICT DO UPDATE` per request);
-* `evaluate alone, ...`: `alerts_evaluate` by itself in a loop, the cleanest figure of
-  its own cost (no other work's noise to subtract);
-* `insert statement` and `insert statement + rules`: the points' INSERT as ingestion
-  runs it (in a transaction, committed), and the same statement also returning the
-  device's group and the JSON of its device and group rules (subqueries, one index
-  probe each): what reading the rules from Postgres in the statement ingestion already
-  makes, instead of from Redis in a round trip of its own, would cost (an alternative
-  hook, see the alerts report).
+  auth, DRF, validation, ingestion): the CPU a web process spends on an ingest request;
+* `ingest, no hook`: `telemetry_points_ingest` with no hook registered (telemetry
+  alone: admission, rate limit, insert, mark-seen, commit, after-commit publish);
+* `ingest + evaluate, ...`: the same as deployed, the alerts hook registered (its
+  expression in the insert statement, then the evaluation), for a device with no rule
+  in its scopes (rules exist elsewhere), for one whose group has a rule this process
+  holds but no point violates, and for one whose group rule every point violates
+  (one `INSERT ... ON CONFLICT DO UPDATE` per request);
+* `evaluate alone, ...`: `alerts_evaluate` by itself in a loop with the versions the
+  statement would give, the cleanest figure of its own CPU (no other work's noise).
 
 It prints wall time and this process's CPU per request (`time.process_time`: the
 Postgres and Redis servers' own CPU is not in it) and the added CPU relative to
 `http` and to `ingest`. The target: with no rule matching, under 5% of the ingest
-request's CPU. The modes are interleaved request by request, so that load from other
+request's CPU. The wall-time difference includes the Postgres side (the two primary-key
+probes of the versions' expression). The modes are interleaved request by request, so that load from other
 processes on the machine falls on all of them alike; the medians of `--rounds` rounds
 are reported.
 """
@@ -58,9 +54,7 @@ def main() -> None:
 
     prefix = f"iotbench-alerts-{uuid.uuid4().hex[:6]}"
     in_process_django(database_name="iot_bench_alerts", redis_prefix=prefix)
-    import psycopg
     from django.contrib.auth import get_user_model
-    from django.db import DEFAULT_DB_ALIAS, connections, transaction
     from django.test import Client
     from rest_framework.authtoken.models import Token
 
@@ -73,12 +67,13 @@ def main() -> None:
         serial = f"BENCH-{uuid.uuid4().hex}"
         return device_register(serial_number=serial, device_type="s", firmware_version="1", group_id=group).device.pk
 
-    quiet, matching = device("quiet"), device("hot")
+    quiet, matching, held = device("quiet"), device("hot"), device("held")
     # Rules elsewhere, so the tables are not empty: none applies to `quiet` or its group.
     for n in range(50):
         alert_rule_create(device_id=device(f"other-{n}"), metric="bench", operator="gt", threshold=0.0)
         alert_rule_create(group_id=f"other-{n}", metric="bench", operator="gt", threshold=0.0)
     alert_rule_create(group_id="hot", metric="bench", operator="gt", threshold=-1.0)  # every point violates
+    alert_rule_create(group_id="held", metric="bench", operator="gt", threshold=1e9)  # never violated
 
     user = get_user_model().objects.create(username="bench")
     client = Client(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
@@ -104,59 +99,26 @@ def main() -> None:
             body = {"device_id": str(device_id), "points": points}
         return lambda: client.post(path, body, content_type="application/json")
 
-    def ingest(device_id, group, evaluate):
+    import telemetry.services as telemetry_services
+
+    hooked = list(telemetry_services._points_stored_hooks)
+
+    def hooks(on: bool) -> None:
+        """Ingestion with the alerts hook (as deployed) or without any (telemetry alone)."""
+        if (telemetry_services._points_stored_hooks == hooked) != on:
+            telemetry_services._points_stored_hooks[:] = hooked if on else []
+            telemetry_services._store_sql.clear()
+
+    def ingest(device_id, evaluate):
         batch = columns(device_id)
 
         def run():
-            with transaction.atomic():
-                telemetry_points_ingest(batch=batch)
-                if evaluate:
-                    alerts_evaluate(
-                        device_id=device_id,
-                        group_id=group,
-                        metrics=batch.metrics,
-                        values=batch.values,
-                        timestamps=batch.timestamps,
-                    )
+            hooks(evaluate)
+            telemetry_points_ingest(batch=batch)
 
         return run
 
-    # The points' INSERT as telemetry runs it, and the same statement also returning the device's group
-    # and the JSON of its rules (the payload `alerts.selectors` caches), read in the same snapshot.
-    from devices.sql import device_live_sql
-    from telemetry.services import _INSERT_SQL
-
-    def rules_json(column: str, value: str) -> str:
-        return f"""(SELECT COALESCE(json_object_agg(metric, rules)::text, '{{}}')
-            FROM (SELECT metric, json_agg(json_build_array(id, operator, threshold, severity) ORDER BY id) AS rules
-                  FROM alerts_alertrule WHERE enabled AND {column} = {value} GROUP BY metric) AS by_metric)"""
-
-    def statement(device_id, with_rules: bool):
-        batch = columns(device_id)
-        device_sql, device_params = device_live_sql(device_id=device_id)
-        sql = _INSERT_SQL.format(device=device_sql)
-        params = [*device_params, batch.metrics, batch.timestamps, batch.values]
-        if with_rules:
-            sql = f"""
-                WITH ins AS ({sql} RETURNING 1), d AS (SELECT group_id FROM devices_device WHERE id = %b)
-                SELECT (SELECT count(*) FROM ins), d.group_id,
-                       {rules_json("device_id", "%b")}, {rules_json("group_id", "d.group_id")}
-                FROM d"""
-            params += [device_id, device_id]
-        db = connections[DEFAULT_DB_ALIAS]
-
-        def run():
-            with transaction.atomic():
-                db.ensure_connection()
-                with psycopg.Cursor(db.connection) as cursor:
-                    cursor.execute(sql, params)
-                    if with_rules:
-                        count, _group_id, device_rules, group_rules = cursor.fetchone()
-                        assert count == len(batch) and device_rules == "{}" and group_rules == "{}"
-
-        return run
-
-    def evaluate_alone(device_id, group):
+    def evaluate_alone(device_id, group, versions):
         batch = columns(device_id)
 
         def run():
@@ -167,19 +129,24 @@ def main() -> None:
                 metrics=batch.metrics,
                 values=batch.values,
                 timestamps=batch.timestamps,
+                rule_versions=versions,
             )
 
         return run
 
+    from alerts.models import AlertRuleScope
+
+    hot_versions = [0, AlertRuleScope.objects.get(scope="group:hot").version]
+    held_versions = [0, AlertRuleScope.objects.get(scope="group:held").version]
     blocks = {
         "http": lambda: http(quiet),
-        "ingest": lambda: ingest(quiet, "quiet", False),
-        "ingest + evaluate, no rule": lambda: ingest(quiet, "quiet", True),
-        "ingest + evaluate, every point matching": lambda: ingest(matching, "hot", True),
-        "evaluate alone, no rule": lambda: evaluate_alone(quiet, "quiet"),
-        "evaluate alone, every point matching": lambda: evaluate_alone(matching, "hot"),
-        "insert statement": lambda: statement(quiet, False),
-        "insert statement + rules": lambda: statement(quiet, True),
+        "ingest, no hook": lambda: ingest(quiet, False),
+        "ingest + evaluate, no rule": lambda: ingest(quiet, True),
+        "ingest + evaluate, rules held, none matching": lambda: ingest(held, True),
+        "ingest + evaluate, every point matching": lambda: ingest(matching, True),
+        "evaluate alone, no rule": lambda: evaluate_alone(quiet, "quiet", [0, 0]),
+        "evaluate alone, rules held, none matching": lambda: evaluate_alone(held, "held", held_versions),
+        "evaluate alone, every point matching": lambda: evaluate_alone(matching, "hot", hot_versions),
     }
 
     def measure(calls) -> tuple[float, float]:
@@ -210,19 +177,18 @@ def main() -> None:
     print(f"{args.batch_size} point(s) per request, {args.requests} requests per mode, {args.rounds} rounds, medians")
     for name, (wall, cpu) in median.items():
         print(f"  {name:<42} {wall:7.3f} ms wall {cpu:7.3f} ms CPU per request")
-    http_cpu, ingest_cpu = median["http"][1], median["ingest"][1]
-    for case in ("no rule", "every point matching"):
-        added = median[f"ingest + evaluate, {case}"][1] - ingest_cpu
+    http_cpu, ingest_cpu = median["http"][1], median["ingest, no hook"][1]
+    ingest_wall = median["ingest, no hook"][0]
+    for case in ("no rule", "rules held, none matching", "every point matching"):
+        wall, cpu = median[f"ingest + evaluate, {case}"]
+        added, added_wall = cpu - ingest_cpu, wall - ingest_wall
         alone = median[f"evaluate alone, {case}"][1]
         print(
-            f"evaluation, {case}: +{added:.3f} ms CPU in the ingest transaction "
-            f"({added / http_cpu:+.1%} of the HTTP request, {added / ingest_cpu:+.1%} of the ingest service); "
-            f"alone {alone:.3f} ms ({alone / http_cpu:.1%} of the HTTP request)"
+            f"evaluation, {case}: {added:+.3f} ms CPU ({added / http_cpu:+.1%} of the HTTP request's CPU, "
+            f"{added / ingest_cpu:+.1%} of the ingest service's), {added_wall:+.3f} ms wall; "
+            f"alone {alone:.3f} ms CPU ({alone / http_cpu:.1%} of the HTTP request's, {alone / ingest_cpu:.1%} "
+            f"of the ingest service's)"
         )
-    added = median["insert statement + rules"][1] - median["insert statement"][1]
-    print(
-        f"rules read in the insert statement instead: {added:+.3f} ms CPU ({added / http_cpu:+.1%} of the HTTP request)"
-    )
     redis_prefix_flush(prefix)
 
 

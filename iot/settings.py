@@ -325,6 +325,8 @@ WEBHOOK_READ_TIMEOUT_SECONDS = env.float("WEBHOOK_READ_TIMEOUT_SECONDS", default
 
 # --- Alert notifications: the outbox (alerts/tasks.py) ---
 # A notification not delivered by then is marked expired (logged and counted), never retried again.
+# How many rule scopes (a device's, a group's) each process keeps parsed in memory, keyed by version.
+ALERT_RULES_LOCAL_CACHE_SIZE = env.int("ALERT_RULES_LOCAL_CACHE_SIZE", default=10_000)
 ALERT_NOTIFICATION_TTL_SECONDS = env.float("ALERT_NOTIFICATION_TTL_SECONDS", default=86_400.0)
 # Retries back off exponentially from this delay (with jitter) up to the cap.
 ALERT_NOTIFICATION_RETRY_BASE_SECONDS = env.float("ALERT_NOTIFICATION_RETRY_BASE_SECONDS", default=2.0)

@@ -199,24 +199,54 @@ CROSS JOIN unnest(%b::varchar[], %b::timestamptz[], %b::float8[]) AS p (metric, 
 
 
 # The insert, and the device's group as the same statement saw it, for the stored-points hooks
-# (alert rules may be scoped to a group): no second round trip, no other snapshot.
+# (alert rules may be scoped to a group): no second round trip, no other snapshot. Hooks may add
+# scalar expressions of their own over `d` (see `telemetry_points_stored_hook_register`).
 _STORE_SQL = f"""
 WITH d AS {{device}}, ins AS ({_INSERT_SQL.format(device="d")} RETURNING 1)
-SELECT (SELECT count(*) FROM ins), (SELECT group_id FROM d)
+SELECT (SELECT count(*) FROM ins), (SELECT group_id FROM d){{extra}}
 """
+
+
+@dataclass(frozen=True)
+class _PointsStoredHook:
+    function: Callable[..., object]
+    # keyword argument -> scalar SQL expression over `d`, evaluated by the insert statement itself.
+    sql: dict[str, str]
+
 
 # Functions run inside the ingest transaction once a batch is inserted, with
 # `device_id, group_id, metrics, values, timestamps` (keyword arguments). Registered by the
 # apps built on telemetry (alerts evaluates its rules here, in `AlertsConfig.ready`), so
 # telemetry never imports them. An exception from a hook refuses the whole request and
 # stores nothing: no point is ever accepted without having been evaluated.
-_points_stored_hooks: list[Callable[..., object]] = []
+_points_stored_hooks: list[_PointsStoredHook] = []
+_store_sql: list[str] = []  # the statement with every hook's expressions, built once hooks are known
 
 
-def telemetry_points_stored_hook_register(*, hook: Callable[..., object]) -> None:
-    """Run `hook` for every stored batch, in its transaction (idempotent: a hook is added once)."""
-    if hook not in _points_stored_hooks:
-        _points_stored_hooks.append(hook)
+def telemetry_points_stored_hook_register(*, hook: Callable[..., object], sql: dict[str, str] | None = None) -> None:
+    """Run `hook` for every stored batch, in its transaction (idempotent: a hook is added once).
+
+    `sql` maps extra keyword arguments of the hook to scalar SQL expressions over `d`, the
+    device row the insert joins (columns `id`, `group_id`), which the insert statement
+    evaluates in its own snapshot and returns: what a hook needs from the database costs
+    no round trip of its own (alerts reads its rule versions this way, so a device with no
+    rule costs no Redis call either). An expression names only its own app's tables; its
+    value is None when the device row is missing (then no hook runs anyway).
+    """
+    if any(registered.function == hook for registered in _points_stored_hooks):
+        return
+    _points_stored_hooks.append(_PointsStoredHook(function=hook, sql=dict(sql or {})))
+    _store_sql.clear()
+
+
+def _store_statement() -> str:
+    if not _store_sql:
+        extra = "".join(
+            f", (SELECT {expression} FROM d)" for hook in _points_stored_hooks for expression in hook.sql.values()
+        )
+        # Braces in an expression are literal SQL, not placeholders of the later `.format(device=...)`.
+        _store_sql.append(_STORE_SQL.replace("{extra}", extra.replace("{", "{{").replace("}", "}}")))
+    return _store_sql[0]
 
 
 def _is_partition_race(exc: IntegrityError) -> bool:
@@ -263,18 +293,24 @@ def _insert_points_once(*, batch: PointColumns) -> None:
         device_sql, device_params = device_live_sql(device_id=batch.device_id)
         with db.wrap_database_errors, psycopg.Cursor(db.connection) as cursor:
             cursor.execute(
-                _STORE_SQL.format(device=device_sql),
+                _store_statement().format(device=device_sql),
                 [*device_params, batch.metrics, batch.timestamps, batch.values],
             )
-            inserted, group_id = cursor.fetchone()
+            inserted, group_id, *returned = cursor.fetchone()
         if inserted == len(batch):
+            position = 0
             for hook in _points_stored_hooks:
-                hook(
+                extra = {}
+                for name in hook.sql:
+                    extra[name] = returned[position]
+                    position += 1
+                hook.function(
                     device_id=batch.device_id,
                     group_id=group_id,
                     metrics=batch.metrics,
                     values=batch.values,
                     timestamps=batch.timestamps,
+                    **extra,
                 )
             # Last, so the device row (when it is updated at all) is locked only until the commit.
             device_mark_seen(device_ids=[batch.device_id])

@@ -187,6 +187,10 @@ def alert_get(*, alert_id: uuid.UUID) -> Alert | None:
     return _alerts().filter(pk=alert_id).first()
 
 
+def alert_list_by_ids(*, alert_ids: list[str]) -> QuerySet[Alert]:
+    return _alerts().select_related("device").filter(pk__in=alert_ids).order_by("created_at", "id")
+
+
 def alert_list(
     *,
     device_id: uuid.UUID | None = None,

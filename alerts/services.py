@@ -2,9 +2,10 @@
 
 **Evaluation** (`alerts_evaluate`) runs inside the telemetry ingest transaction,
 after the points' insert: an accepted point is evaluated exactly when it is
-stored, whatever later happens to the derived event or to a worker. It costs one
-Redis round trip for the device's rules (both scopes, `alerts.selectors.
-alert_rules_for`), comparisons in Python, and, only if some point violates a
+stored, whatever later happens to the derived event or to a worker. It costs no
+round trip for the device's rules when it has none or this process holds them at
+the version the insert statement read (else one Redis call for both scopes,
+`alerts.selectors.alert_rules_for`), comparisons in Python, and, only if some point violates a
 rule, ONE statement: a multi-row `INSERT ... ON CONFLICT (rule_id, device_id)
 WHERE status IN ('open', 'acknowledged') DO UPDATE` over every violated rule, each
 counted once with the number of its violating points. The partial unique index
@@ -28,6 +29,12 @@ same transaction (one more statement, only then) and queues its delivery after
 commit; the delivery is claimed by a conditional UPDATE, goes through the channel's
 circuit breaker (`iot.circuit_breaker`) and the SSRF-guarded POST (`iot.outbound`),
 and is retried with backoff until delivered or expired.
+
+**The operators' feed** (`ws/alerts`, `alerts.consumers`): after the commit that opens,
+acknowledges or resolves alerts, one `alerts.changed` event goes to the event queue
+(`alert_events_publish`); its handler (`alerts.events`) pushes the alerts, as the API
+shows them, to the feed's Channels group. Repeated violations of an open alert are not
+pushed one by one (that is an alarm storm on a screen): the feed shows what changed state.
 """
 
 import logging
@@ -42,6 +49,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import redis
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
@@ -70,6 +78,7 @@ from alerts.selectors import alert_rules_for
 from devices.models import Device, DeviceStatus
 from iot.circuit_breaker import breaker_acquire, breaker_forget, breaker_record, breaker_release
 from iot.errors import ServiceError
+from iot.event_queue import EventQueueFull, event_queue_publish
 from iot.outbound import OutboundError, outbound_post, outbound_url_validate
 
 logger = logging.getLogger(__name__)
@@ -233,7 +242,33 @@ def alerts_evaluate(
     # when one of the violated rules has a channel (an entry cached before that flag existed counts as yes).
     if result.created and any(len(entry[0]) < 5 or entry[0][4] for entry in violated.values()):
         notifications_record(alert_ids=result.created, group_id=group_id)
+    if result.created:
+        alert_events_publish(event="alert.opened", alert_ids=result.created)
     return result
+
+
+ALERT_EVENT_TYPE = "alerts.changed"
+
+
+def alert_events_publish(*, event: str, alert_ids: Iterable[uuid.UUID]) -> None:
+    """After the surrounding commit (now, outside a transaction), tell the operators' feed that these
+    alerts changed state (`event`: `alert.opened`, `alert.acknowledged`, `alert.resolved`).
+
+    Best effort by design: the alerts are committed and the API serves them whatever happens
+    here, so a full event queue or a Redis outage is logged and the request still succeeds
+    (the feed says so itself: clients re-read `GET /alerts` after a reconnect).
+    """
+    ids = [str(alert_id) for alert_id in alert_ids]
+
+    def publish() -> None:
+        try:
+            event_queue_publish(
+                event_type=ALERT_EVENT_TYPE, payload={"event_id": uuid.uuid4().hex, "event": event, "alert_ids": ids}
+            )
+        except (EventQueueFull, redis.RedisError, OSError) as exc:
+            logger.warning("alerts feed: %s of %d alert(s) not published: %s", event, len(ids), exc)
+
+    transaction.on_commit(publish)
 
 
 def _alerts_upsert(
@@ -293,7 +328,9 @@ def _alert_transition(*, alert_id: uuid.UUID, to: AlertStatus, allowed_from: Ite
             field.from_db_value(v, None, connection) if hasattr(field, "from_db_value") else v
             for field, v in zip(_ALERT_FIELDS, row, strict=True)
         ]
-        return Alert.from_db(connection.alias, [field.attname for field in _ALERT_FIELDS], values)
+        alert = Alert.from_db(connection.alias, [field.attname for field in _ALERT_FIELDS], values)
+        alert_events_publish(event=f"alert.{to.value}", alert_ids=[alert.pk])
+        return alert
     # Nothing changed; the error path reads the status to say why (a read after the decision, not before).
     current = Alert.objects.filter(pk=alert_id).values_list("status", flat=True).first()
     if current is None:

@@ -17,12 +17,13 @@ django_wsgi_app = get_wsgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import StaticFilesHandler  # noqa: E402
 
+from alerts.routing import websocket_urlpatterns as alerts_websocket_urlpatterns  # noqa: E402
 from iot.asgi_bridge import pooled_http_application  # noqa: E402
 from iot.health import redis_policy_warn  # noqa: E402
 from iot.websocket import WebSocketAuthMiddleware  # noqa: E402
 from telemetry.routing import websocket_urlpatterns as telemetry_websocket_urlpatterns  # noqa: E402
 
-websocket_urlpatterns = [*telemetry_websocket_urlpatterns]
+websocket_urlpatterns = [*telemetry_websocket_urlpatterns, *alerts_websocket_urlpatterns]
 
 application = ProtocolTypeRouter(
     {

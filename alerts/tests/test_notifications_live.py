@@ -6,19 +6,17 @@ deliveries away from the target, and once the target answers again every notific
 must be acknowledged exactly once.
 """
 
-import json
 import statistics
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from iot.testing.live import UNLIMITED, dedicated_platform, metric_value, register_device
 from iot.testing.processes import http_client, wait_until
 from iot.testing.telemetry import point_body
+from iot.testing.webhook import WebhookTarget
 
 pytestmark = pytest.mark.live
 
@@ -40,55 +38,10 @@ ENV = {
 }
 
 
-class HangingTarget:
-    """Hangs every request (never answers) until `recover()`; then answers 200 and records the keys it acknowledged."""
-
-    def __init__(self):
-        self.recovered = threading.Event()
-        self.released = threading.Event()
-        self.hung = 0
-        self.acknowledged: list[str] = []
-        self.lock = threading.Lock()
-        target = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert body["alerts"], body
-                if not target.recovered.is_set():
-                    with target.lock:
-                        target.hung += 1
-                    target.released.wait(60)  # never answers; the caller's read timeout ends the call
-                    self.close_connection = True
-                    return
-                with target.lock:
-                    target.acknowledged.append(self.headers["Idempotency-Key"])
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def hits(self) -> int:
-        with self.lock:
-            return self.hung
-
-    def close(self):
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_a_hanging_target_neither_slows_ingestion_nor_loses_or_repeats_a_notification(
     django_db_setup, django_db_blocker, platform_logs, operator_token
 ):
-    target = HangingTarget()
+    target = WebhookTarget(mode="hang")
     try:
         with dedicated_platform(django_db_blocker, platform_logs, name="notify-hang", env=ENV) as running:
             with http_client(running, operator_token) as api:
@@ -97,7 +50,7 @@ def test_a_hanging_target_neither_slows_ingestion_nor_loses_or_repeats_a_notific
         target.close()
 
 
-def _run(api, target: HangingTarget, django_db_blocker) -> None:
+def _run(api, target: WebhookTarget, django_db_blocker) -> None:
     channel = api.post("/alerts/channels", json={"name": "hangs", "kind": "webhook", "url": target.url})
     assert channel.status_code == 201, channel.text
     channel = channel.json()
@@ -144,7 +97,7 @@ def _run(api, target: HangingTarget, django_db_blocker) -> None:
     # At most the threshold plus what the worker's 2 processes had in flight when it opened.
     assert target.hits() <= THRESHOLD + 1
 
-    target.recovered.set()
+    target.set_mode("ok")
     wait_until(lambda: len(set(target.acknowledged)) == DEVICES, timeout=120, message="every notification delivered")
     wait_until(lambda: channel_state() == "closed", timeout=30, message="the breaker closes")
     with django_db_blocker.unblock():
@@ -155,3 +108,4 @@ def _run(api, target: HangingTarget, django_db_blocker) -> None:
     assert len(notifications) == DEVICES and {n.status for n in notifications} == {"delivered"}
     assert sorted(target.acknowledged) == sorted(str(n.pk) for n in notifications)  # each exactly once
     assert occurrences == DEVICES * POINTS_PER_DEVICE
+    assert all(body["alerts"] for body in target.bodies)

@@ -34,3 +34,11 @@ def device_live_sql(*, device_id: uuid.UUID) -> tuple[str, list]:
     device (`devices.selectors.device_status_get` then says which).
     """
     return _LIVE_DEVICE_SQL, [device_id, DeviceStatus.DECOMMISSIONED.value]
+
+
+_IN_GROUP_SQL = f"(SELECT {_ID} FROM {_TABLE} WHERE {_GROUP} = %s)"
+
+
+def device_group_member_ids_sql(*, group_id: str) -> tuple[str, list]:
+    """A subquery of the ids of the devices now in `group_id` (for `... IN <it>`), and its parameters."""
+    return _IN_GROUP_SQL, [group_id]

@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "channels",
     "iot",
     "iot.idempotency",
+    "iot.saga",
     "devices",
     "telemetry",
     "firmware",
@@ -273,6 +274,13 @@ STATIC_ROOT = BASE_DIR / "var" / "staticfiles"
 TELEMETRY_MAX_FUTURE_SECONDS = env.int("TELEMETRY_MAX_FUTURE_SECONDS", default=300)
 # Daily partitions are created this many days ahead (and for the whole retention window behind).
 TELEMETRY_PARTITION_PREMAKE_DAYS = env.int("TELEMETRY_PARTITION_PREMAKE_DAYS", default=7)
+# Message counts: minutes of received points that ended this long ago are counted from Postgres
+# (exact; the Redis counters of the minutes since are read on top), every so many seconds.
+TELEMETRY_COUNT_RECONCILE_GRACE_SECONDS = env.int("TELEMETRY_COUNT_RECONCILE_GRACE_SECONDS", default=60)
+CELERY_BEAT_SCHEDULE["telemetry-message-counts-reconcile"] = {
+    "task": "telemetry.tasks.telemetry_message_counts_reconciliation",
+    "schedule": env.float("TELEMETRY_COUNT_RECONCILE_INTERVAL_SECONDS", default=30.0),
+}
 CELERY_BEAT_SCHEDULE["telemetry-partitions-maintain"] = {
     "task": "telemetry.tasks.telemetry_partitions_maintenance",
     "schedule": env.float("TELEMETRY_PARTITION_MAINTENANCE_INTERVAL_SECONDS", default=3600.0),
@@ -344,4 +352,26 @@ if ALERT_NOTIFICATION_LEASE_SECONDS <= WEBHOOK_CONNECT_TIMEOUT_SECONDS + WEBHOOK
 CELERY_BEAT_SCHEDULE["alert-notifications-sweep"] = {
     "task": "alerts.tasks.notifications_sweep",
     "schedule": ALERT_NOTIFICATION_SWEEP_INTERVAL_SECONDS,
+}
+
+# --- Sagas: the durable step runner (iot/saga/runner.py) ---
+# How often the sweeper queues due runs whose task was lost, and StepWait deadlines that passed (a deadline is
+# noticed up to this late).
+SAGA_SWEEP_INTERVAL_SECONDS = env.float("SAGA_SWEEP_INTERVAL_SECONDS", default=5.0)
+# A queued step may go this long without being picked up before the sweeper queues it again (a step that is
+# executing holds its run's row lock and is never taken for lost, however long it runs).
+SAGA_LEASE_SECONDS = env.float("SAGA_LEASE_SECONDS", default=60.0)
+# A step's transient failures (and every failed compensation) are retried after this delay, doubling per
+# attempt (with jitter) up to the cap.
+SAGA_RETRY_BASE_SECONDS = env.float("SAGA_RETRY_BASE_SECONDS", default=0.5)
+SAGA_RETRY_MAX_SECONDS = env.float("SAGA_RETRY_MAX_SECONDS", default=60.0)
+# Extra modules that register saga definitions when imported (besides the apps' own ready()); tests use it.
+SAGA_DEFINITION_MODULES = env.list("SAGA_DEFINITION_MODULES", default=[])
+if min(SAGA_SWEEP_INTERVAL_SECONDS, SAGA_LEASE_SECONDS, SAGA_RETRY_BASE_SECONDS) <= 0:
+    raise ImproperlyConfigured("SAGA_SWEEP_INTERVAL_SECONDS, _LEASE_SECONDS and _RETRY_BASE_SECONDS must be positive.")
+if SAGA_RETRY_MAX_SECONDS < SAGA_RETRY_BASE_SECONDS:
+    raise ImproperlyConfigured("SAGA_RETRY_MAX_SECONDS must not be below SAGA_RETRY_BASE_SECONDS.")
+CELERY_BEAT_SCHEDULE["saga-sweep"] = {
+    "task": "iot.saga.tasks.saga_sweep",
+    "schedule": SAGA_SWEEP_INTERVAL_SECONDS,
 }

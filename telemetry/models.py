@@ -44,3 +44,34 @@ class TelemetryPoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.device_id} {self.metric}@{self.ts.isoformat()}={self.value}"
+
+
+class DeviceMessageCount(models.Model):
+    """A device's points received up to the reconciliation watermark, counted from Postgres.
+
+    Written only by `telemetry.services.telemetry_message_counts_reconcile`, which adds
+    each closed minute of `telemetry_point` (by `received_at`) exactly once, in the same
+    transaction that moves the watermark (`MessageCountWatermark`). With the Redis
+    counters of the minutes since the watermark, it gives exact message counts that no
+    lost or repeated event can skew for longer than a minute or two. Counts are of points
+    received, so they outlive the retention that drops old points.
+    """
+
+    device_id = models.UUIDField(primary_key=True)
+    messages = models.BigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0.0, help_text="Sum over the points of received_at - timestamp.")
+
+    def __str__(self) -> str:
+        return f"{self.device_id}: {self.messages}"
+
+
+class MessageCountWatermark(models.Model):
+    """The one row saying up to when `DeviceMessageCount` is exact, and the fleet's totals up to then."""
+
+    id = models.SmallIntegerField(primary_key=True, default=1, editable=False)
+    reconciled_until = models.DateTimeField(null=True, help_text="Points received before this are counted.")
+    messages = models.BigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0.0)
+
+    def __str__(self) -> str:
+        return f"counted until {self.reconciled_until}"

@@ -1,8 +1,8 @@
 """Names of the Redis keys the telemetry pipeline writes (all under REDIS_KEY_PREFIX).
 
-The key set is bounded: one total, one hash with a field per device (bounded by
-the fleet), and one key per second of received telemetry that expires after
-`PER_SECOND_TTL_SECONDS` (so at most that many exist).
+The key set is bounded: one hash per minute of received telemetry (fields bounded by
+the fleet) that expires after `COUNT_WINDOW_TTL_SECONDS`, and one key per second that
+expires after `PER_SECOND_TTL_SECONDS` (so at most that many exist).
 """
 
 from iot.redis import redis_key
@@ -10,12 +10,20 @@ from iot.redis import redis_key
 PER_SECOND_TTL_SECONDS = 300
 
 
-def messages_total_key() -> str:
-    return redis_key("telemetry", "messages", "total")
+# The counters of one minute of received points (by `received_at`), a hash: `total`, `latency_ms`
+# (sum of received_at - timestamp), and per device `d:<id>` / `l:<id>` and per group `g:<group>`.
+# Only the minutes after the reconciliation's watermark are read (`telemetry.selectors`); older
+# ones are kept a while for inspection, then expire.
+COUNT_WINDOW_SECONDS = 60
+COUNT_WINDOW_TTL_SECONDS = 2 * 24 * 3600
 
 
-def device_messages_key() -> str:
-    return redis_key("telemetry", "messages", "by_device")
+def count_window_start(epoch_seconds: float) -> int:
+    return int(epoch_seconds // COUNT_WINDOW_SECONDS) * COUNT_WINDOW_SECONDS
+
+
+def count_window_key(window_start: int) -> str:
+    return redis_key("telemetry", "messages", "window", window_start)
 
 
 def messages_per_second_key(epoch_second: int) -> str:

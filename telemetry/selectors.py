@@ -1,13 +1,22 @@
-"""Reads of telemetry: points from Postgres, fleet counters from Redis."""
+"""Reads of telemetry: points from Postgres; message counts from Postgres and Redis."""
 
 import time
 import uuid
-from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
+from django.db import connection
+
+from devices.sql import device_group_member_ids_sql
 from iot.redis import get_redis
-from telemetry.models import TABLE, TelemetryPoint
-from telemetry.redis_keys import device_messages_key, messages_per_second_key, messages_total_key
+from telemetry.models import TABLE, DeviceMessageCount, MessageCountWatermark, TelemetryPoint
+from telemetry.redis_keys import (
+    COUNT_WINDOW_SECONDS,
+    COUNT_WINDOW_TTL_SECONDS,
+    count_window_key,
+    count_window_start,
+    messages_per_second_key,
+)
 
 
 def telemetry_points_latest(*, device_id: uuid.UUID, metric: str) -> TelemetryPoint | None:
@@ -79,13 +88,79 @@ def telemetry_points_query(
     return list(TelemetryPoint.objects.raw(sql, params))
 
 
-# --- fleet counters (maintained by telemetry.events) ------------------------------
+# --- message counts: exact up to the watermark (Postgres), the minutes since from Redis ---------
+
+_COUNTS = DeviceMessageCount._meta.db_table
+_WATERMARK = MessageCountWatermark._meta.db_table
 
 
-def telemetry_messages_total() -> int:
-    """Points the platform has processed since the counters were created (all devices)."""
-    value = get_redis().get(messages_total_key())
-    return int(value) if value is not None else 0
+@dataclass(frozen=True)
+class MessageStats:
+    """Points received and the sum of their latencies (received_at - timestamp, ms)."""
+
+    messages: int
+    latency_ms_sum: float
+
+    @property
+    def average_latency_ms(self) -> float | None:
+        return self.latency_ms_sum / self.messages if self.messages else None
+
+
+def _since_watermark(*, reconciled_until: datetime | None, fields: list[str]) -> list[list[float]]:
+    """For each minute since the watermark (all the kept ones if there is none), the `fields` of its
+    counters in Redis: ONE round trip (a pipeline), whatever the number of minutes or devices."""
+    now = time.time()
+    first = count_window_start(reconciled_until.timestamp() if reconciled_until else now - COUNT_WINDOW_TTL_SECONDS)
+    pipe = get_redis().pipeline(transaction=False)
+    for window in range(first, count_window_start(now) + COUNT_WINDOW_SECONDS, COUNT_WINDOW_SECONDS):
+        pipe.hmget(count_window_key(window), fields)
+    return [[float(value) if value is not None else 0.0 for value in row] for row in pipe.execute()]
+
+
+def telemetry_fleet_message_stats() -> MessageStats:
+    """All devices: one query (the watermark row), then one Redis round trip.
+
+    The query comes first: a reconciliation that commits in between is then counted from
+    Redis (its minutes are still after the watermark read), never twice and never lost.
+    """
+    row = MessageCountWatermark.objects.filter(pk=1).values_list("reconciled_until", "messages", "latency_ms_sum")
+    reconciled_until, messages, latency = row.first() or (None, 0, 0.0)
+    recent = _since_watermark(reconciled_until=reconciled_until, fields=["total", "latency_ms"])
+    return MessageStats(
+        messages=messages + int(sum(r[0] for r in recent)), latency_ms_sum=latency + sum(r[1] for r in recent)
+    )
+
+
+def telemetry_device_message_stats(*, device_id: uuid.UUID) -> MessageStats:
+    """One device: one query (its row and the watermark together), then one Redis round trip."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT w.reconciled_until, COALESCE(c.messages, 0), COALESCE(c.latency_ms_sum, 0) "
+            f"FROM (SELECT 1) AS one LEFT JOIN {_WATERMARK} AS w ON w.id = 1 "
+            f"LEFT JOIN {_COUNTS} AS c ON c.device_id = %s",
+            [device_id],
+        )
+        reconciled_until, messages, latency = cursor.fetchone()
+    recent = _since_watermark(reconciled_until=reconciled_until, fields=[f"d:{device_id}", f"l:{device_id}"])
+    return MessageStats(
+        messages=messages + int(sum(r[0] for r in recent)), latency_ms_sum=latency + sum(r[1] for r in recent)
+    )
+
+
+def telemetry_group_message_count(*, group_id: str) -> int:
+    """The devices now in the group: one query (their reconciled counts summed in SQL, with the
+    watermark), then one Redis round trip. The minutes since the watermark count points by the
+    group their device was in when they arrived; reconciled ones by the device's group now."""
+    devices_sql, params = device_group_member_ids_sql(group_id=group_id)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT (SELECT reconciled_until FROM {_WATERMARK} WHERE id = 1), "
+            f"(SELECT COALESCE(sum(c.messages), 0) FROM {_COUNTS} AS c WHERE c.device_id IN {devices_sql})",
+            params,
+        )
+        reconciled_until, messages = cursor.fetchone()
+    recent = _since_watermark(reconciled_until=reconciled_until, fields=[f"g:{group_id}"])
+    return int(messages) + int(sum(r[0] for r in recent))
 
 
 def telemetry_messages_per_second(*, window_seconds: int = 10) -> float:
@@ -93,12 +168,3 @@ def telemetry_messages_per_second(*, window_seconds: int = 10) -> float:
     now = int(time.time())
     keys = [messages_per_second_key(second) for second in range(now - window_seconds, now)]
     return sum(int(value) for value in get_redis().mget(keys) if value is not None) / window_seconds
-
-
-def telemetry_device_message_counts(*, device_ids: Iterable[uuid.UUID | str]) -> dict[str, int]:
-    """Points processed per device, for many devices in one round trip (HMGET)."""
-    ids = [str(device_id) for device_id in device_ids]
-    if not ids:
-        return {}
-    values = get_redis().hmget(device_messages_key(), ids)
-    return {device_id: int(value) if value is not None else 0 for device_id, value in zip(ids, values, strict=True)}

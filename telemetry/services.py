@@ -35,13 +35,13 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 
 import psycopg
 import redis
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.utils import timezone
 
 from devices.selectors import device_status_get
@@ -51,7 +51,8 @@ from iot.errors import ServiceError
 from iot.event_queue import Admission, EventQueueFull, event_queue_admission, event_queue_publish
 from iot.ratelimit import RateLimitDecision, rate_limit_consume
 from telemetry.metrics import EVENTS_LOST, count_points
-from telemetry.models import TABLE
+from telemetry.models import TABLE, DeviceMessageCount, MessageCountWatermark
+from telemetry.redis_keys import count_window_start
 
 logger = logging.getLogger(__name__)
 
@@ -199,11 +200,13 @@ CROSS JOIN unnest(%b::varchar[], %b::timestamptz[], %b::float8[]) AS p (metric, 
 
 
 # The insert, and the device's group as the same statement saw it, for the stored-points hooks
-# (alert rules may be scoped to a group): no second round trip, no other snapshot. Hooks may add
+# (alert rules may be scoped to a group): no second round trip, no other snapshot; and `now()`,
+# the points' `received_at` exactly (the column's default), for the derived event: the message
+# counters put a point in the same minute as the reconciliation from Postgres will. Hooks may add
 # scalar expressions of their own over `d` (see `telemetry_points_stored_hook_register`).
 _STORE_SQL = f"""
 WITH d AS {{device}}, ins AS ({_INSERT_SQL.format(device="d")} RETURNING 1)
-SELECT (SELECT count(*) FROM ins), (SELECT group_id FROM d){{extra}}
+SELECT (SELECT count(*) FROM ins), (SELECT group_id FROM d), now(){{extra}}
 """
 
 
@@ -261,10 +264,11 @@ def _is_partition_race(exc: IntegrityError) -> bool:
     return isinstance(cause, psycopg.errors.CheckViolation) and "partition constraint" in str(cause)
 
 
-def _insert_points(*, batch: PointColumns) -> None:
+def _insert_points(*, batch: PointColumns) -> tuple[datetime, str | None]:
+    """Insert the batch (or raise); its `received_at` and the device's group, as the statement saw them."""
     owns_transaction = not connections[DEFAULT_DB_ALIAS].in_atomic_block
     try:
-        _insert_points_once(batch=batch)
+        return _insert_points_once(batch=batch)
     except IntegrityError as exc:
         if not _is_partition_race(exc):
             raise
@@ -274,14 +278,14 @@ def _insert_points(*, batch: PointColumns) -> None:
             raise TelemetryRetryLater() from exc
         logger.info("insert for %s met a partition being attached; retrying once", batch.device_id)
         try:
-            _insert_points_once(batch=batch)
+            return _insert_points_once(batch=batch)
         except IntegrityError as again:
             if _is_partition_race(again):
                 raise TelemetryRetryLater() from again
             raise
 
 
-def _insert_points_once(*, batch: PointColumns) -> None:
+def _insert_points_once(*, batch: PointColumns) -> tuple[datetime, str | None]:
     db = connections[DEFAULT_DB_ALIAS]
     # No savepoint when a caller's transaction surrounds this (an Idempotency-Key request): a
     # savepoint costs two round trips, and a database error fails the whole request anyway.
@@ -296,7 +300,7 @@ def _insert_points_once(*, batch: PointColumns) -> None:
                 _store_statement().format(device=device_sql),
                 [*device_params, batch.metrics, batch.timestamps, batch.values],
             )
-            inserted, group_id, *returned = cursor.fetchone()
+            inserted, group_id, received_at, *returned = cursor.fetchone()
         if inserted == len(batch):
             position = 0
             for hook in _points_stored_hooks:
@@ -314,7 +318,7 @@ def _insert_points_once(*, batch: PointColumns) -> None:
                 )
             # Last, so the device row (when it is updated at all) is locked only until the commit.
             device_mark_seen(device_ids=[batch.device_id])
-            return
+            return received_at, group_id
         # Only possible with 0 rows (nothing to undo): the join found no (live) device. The
         # error path may cost a second query to say which.
         status = device_status_get(device_id=batch.device_id)
@@ -323,10 +327,10 @@ def _insert_points_once(*, batch: PointColumns) -> None:
     raise TelemetryDeviceDecommissioned(f"Device {batch.device_id} is decommissioned.")
 
 
-def _event_payload(*, batch: PointColumns, received_at: datetime) -> dict:
+def _event_payload(*, batch: PointColumns, received_at: datetime, group_id: str | None) -> dict:
     """The "telemetry.points" event: the points column-wise, as the request carried them.
 
-    `{"event_id", "device_id", "received_at", "metrics": [...], "timestamps": [...], "values": [...]}`,
+    `{"event_id", "device_id", "group_id", "received_at", "metrics": [...], "timestamps": [...], "values": [...]}`,
     timestamps as ISO 8601 UTC strings. Columns cost nothing to build here (they are the
     validated lists, datetimes serialized by orjson in C); a dict per point was ~6% of
     a 100-point request's CPU.
@@ -334,6 +338,7 @@ def _event_payload(*, batch: PointColumns, received_at: datetime) -> dict:
     return {
         "event_id": uuid.uuid4().hex,
         "device_id": str(batch.device_id),
+        "group_id": group_id,
         "received_at": received_at,
         "metrics": batch.metrics,
         "timestamps": batch.timestamps,
@@ -341,12 +346,14 @@ def _event_payload(*, batch: PointColumns, received_at: datetime) -> dict:
     }
 
 
-def _after_commit(*, batch: PointColumns, received_at: datetime) -> None:
+def _after_commit(*, batch: PointColumns, received_at: datetime, group_id: str | None) -> None:
     """Count the points accepted, and publish their event (see the module docstring)."""
     count_points(outcome="accepted", points=len(batch))
     try:
         event_queue_publish(
-            event_type=EVENT_TYPE, payload=_event_payload(batch=batch, received_at=received_at), weight=len(batch)
+            event_type=EVENT_TYPE,
+            payload=_event_payload(batch=batch, received_at=received_at, group_id=group_id),
+            weight=len(batch),
         )
     except EventQueueFull:
         EVENTS_LOST.labels(reason="queue_full").inc()
@@ -380,10 +387,75 @@ def _ingest(*, batch: PointColumns) -> IngestResult:
         if decision.scope == "device" and points > decision.limit:
             raise TelemetryBatchOverLimit(decision, points)
         raise TelemetryRateLimited(decision)
-    _insert_points(batch=batch)
+    received_at, group_id = _insert_points(batch=batch)
     # After the commit by construction: a caller that wraps ingestion in its own transaction
     # (an `Idempotency-Key` request does) counts and publishes only once everything it wrote
     # is committed, and never for points that were rolled back. Outside a transaction this
     # runs at once.
-    transaction.on_commit(partial(_after_commit, batch=batch, received_at=timezone.now()))
+    transaction.on_commit(partial(_after_commit, batch=batch, received_at=received_at, group_id=group_id))
     return IngestResult(count=points, rate_limit=decision)
+
+
+# --- message counts: the reconciliation from Postgres --------------------------------------------
+
+_COUNTS_TABLE = DeviceMessageCount._meta.db_table
+_WATERMARK_TABLE = MessageCountWatermark._meta.db_table
+
+# One statement: count the closed minutes' points by device (`received_at` in [from, until); the
+# BRIN index on received_at keeps this to the blocks written since the last run), add them to
+# the per-device rows, and move the watermark with the fleet's totals. It runs in the transaction
+# that locked the watermark row, so two reconciliations never count one minute twice.
+_RECONCILE_SQL = f"""
+WITH counted AS (
+    SELECT device_id, count(*) AS messages,
+           COALESCE(sum(extract(epoch FROM received_at - ts)) * 1000, 0) AS latency
+    FROM {TABLE}
+    WHERE received_at >= %(from)s AND received_at < %(until)s
+    GROUP BY device_id
+), added AS (
+    INSERT INTO {_COUNTS_TABLE} AS c (device_id, messages, latency_ms_sum)
+    SELECT device_id, messages, latency FROM counted
+    ON CONFLICT (device_id) DO UPDATE
+    SET messages = c.messages + EXCLUDED.messages, latency_ms_sum = c.latency_ms_sum + EXCLUDED.latency_ms_sum
+    RETURNING 1
+)
+UPDATE {_WATERMARK_TABLE}
+SET reconciled_until = %(until)s,
+    messages = messages + (SELECT COALESCE(sum(messages), 0) FROM counted),
+    latency_ms_sum = latency_ms_sum + (SELECT COALESCE(sum(latency), 0) FROM counted)
+WHERE id = 1
+RETURNING (SELECT count(*) FROM added), (SELECT COALESCE(sum(messages), 0) FROM counted)
+"""
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    reconciled_until: datetime | None
+    devices: int = 0
+    messages: int = 0
+
+
+def telemetry_message_counts_reconcile() -> Reconciliation:
+    """Count every closed minute since the watermark from Postgres, exactly once; move the watermark.
+
+    A minute is closed when it ended `TELEMETRY_COUNT_RECONCILE_GRACE_SECONDS` ago: a point's
+    `received_at` is its transaction's start, so a transaction still open when its minute is
+    counted would be missed; the grace must outlast the longest ingest transaction (they take
+    milliseconds; a request waiting on an `Idempotency-Key` holds one a few seconds at most).
+    From then on the Redis counters of that minute, whatever drift they have (an event counted
+    twice after a consumer crash, one never published), are no longer read. Idempotent; safe to
+    run concurrently (the watermark row is locked).
+    """
+    with transaction.atomic():
+        MessageCountWatermark.objects.get_or_create(pk=1)
+        watermark = MessageCountWatermark.objects.select_for_update().get(pk=1)
+        now = timezone.now()
+        grace = settings.TELEMETRY_COUNT_RECONCILE_GRACE_SECONDS
+        until = datetime.fromtimestamp(count_window_start(now.timestamp() - grace), tz=UTC)
+        if watermark.reconciled_until is not None and until <= watermark.reconciled_until:
+            return Reconciliation(reconciled_until=watermark.reconciled_until)
+        since = watermark.reconciled_until or datetime(1970, 1, 1, tzinfo=UTC)
+        with connection.cursor() as cursor:
+            cursor.execute(_RECONCILE_SQL, {"from": since, "until": until})
+            devices, messages = cursor.fetchone()
+    return Reconciliation(reconciled_until=until, devices=devices, messages=int(messages))

@@ -1,4 +1,4 @@
-"""Background work of the telemetry app: partition maintenance.
+"""Background work of the telemetry app: partition maintenance; the reconciliation of message counts.
 
 Runs on the beat schedule (`telemetry-partitions-maintain` in settings) and once
 whenever a Celery worker starts, so a platform that was down over midnight (or
@@ -12,6 +12,7 @@ from celery.signals import worker_ready
 from django.db import DatabaseError
 
 from telemetry.partitions import telemetry_partitions_maintain
+from telemetry.services import telemetry_message_counts_reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -37,3 +38,11 @@ def telemetry_partitions_maintenance() -> dict[str, list[str]]:
 @worker_ready.connect(dispatch_uid="telemetry-partitions-on-worker-start")
 def _maintain_on_worker_start(sender=None, **kwargs):
     telemetry_partitions_maintenance.delay()
+
+
+@shared_task(
+    ignore_result=True, autoretry_for=(DatabaseError,), retry_backoff=True, retry_backoff_max=60, max_retries=3
+)
+def telemetry_message_counts_reconciliation() -> int:
+    """Count the closed minutes from Postgres (beat, `telemetry-message-counts-reconcile`); returns the points added."""
+    return telemetry_message_counts_reconcile().messages

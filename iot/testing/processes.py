@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,12 +62,28 @@ class ManagedProcess:
         self.process.wait()
 
     def kill(self) -> None:
-        """Hard-kill the process and its children (a crash, for failure tests)."""
+        """Hard-kill the process and every descendant (a crash, for failure tests).
+
+        The whole tree, not just the process group: the supervisor (`scripts/supervisor.py`)
+        starts each child in a group of its own, and a child that only saw its supervisor die
+        would shut down gracefully (Celery finishing its running tasks), which is not a crash.
+        """
+        try:
+            tree = [psutil.Process(self.process.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        for member in tree:
+            try:
+                member.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.process.wait()
+        psutil.wait_procs(tree[1:], timeout=10)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:

@@ -22,7 +22,7 @@ from iot.redis import get_redis
 from telemetry import events, selectors, services
 from telemetry.metrics import EVENTS_LOST, POINTS
 from telemetry.models import TelemetryPoint
-from telemetry.redis_keys import device_messages_key, live_group_name, messages_per_second_key, messages_total_key
+from telemetry.redis_keys import count_window_key, count_window_start, live_group_name, messages_per_second_key
 
 pytestmark = pytest.mark.django_db
 
@@ -271,23 +271,21 @@ def _event(device_id: str, n: int, received_at: datetime) -> dict:
     }
 
 
-def test_event_handler_counts_points_in_bounded_keys(redis_namespace):
+def test_event_handler_counts_points_in_their_minute_and_second(redis_namespace):
     device_id = str(uuid.uuid4())
     received = datetime.now(UTC)
     client = get_redis()
-    total_before = selectors.telemetry_messages_total()
 
-    events.telemetry_points_received(_event(device_id, 3, received))
+    events.telemetry_points_received({**_event(device_id, 3, received), "group_id": "g1"})
     events.telemetry_points_received(_event(device_id, 2, received))
 
-    assert selectors.telemetry_messages_total() == total_before + 5
-    silent = str(uuid.uuid4())
-    assert selectors.telemetry_device_message_counts(device_ids=[device_id, silent]) == {device_id: 5, silent: 0}
-    assert int(client.hget(device_messages_key(), device_id)) == 5
+    window = client.hgetall(count_window_key(count_window_start(received.timestamp())))
+    assert int(window[b"total"]) == 5 and int(window[f"d:{device_id}".encode()]) == 5
+    assert int(window[b"g:g1"]) == 3  # the second event had no group
     second_key = messages_per_second_key(int(received.timestamp()))
     assert int(client.get(second_key)) == 5  # this test's own namespace: nothing else counted there
     assert 0 < client.ttl(second_key) <= 300
-    assert client.type(messages_total_key()) == b"string"
+    assert 0 < client.ttl(count_window_key(count_window_start(received.timestamp()))) <= 2 * 24 * 3600
 
 
 def test_messages_per_second_averages_the_last_complete_seconds(redis_namespace, monkeypatch):

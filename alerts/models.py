@@ -51,10 +51,11 @@ ACTIVE_STATUSES = (AlertStatus.OPEN, AlertStatus.ACKNOWLEDGED)
 
 class NotificationChannelKind(models.TextChoices):
     WEBHOOK = "webhook"
+    EMAIL = "email"
 
 
 class NotificationChannel(models.Model):
-    """Where a rule's notifications go (a webhook URL).
+    """Where a rule's notifications go: a webhook URL, or `mailto:` addresses for an email channel.
 
     Minimal on purpose: delivery (the outbox, the per-channel circuit breaker, the SSRF
     guard) belongs to the notifications part and extends this model.
@@ -65,7 +66,7 @@ class NotificationChannel(models.Model):
     kind = models.CharField(
         max_length=16, choices=NotificationChannelKind.choices, default=NotificationChannelKind.WEBHOOK
     )
-    url = models.URLField(max_length=2048)
+    url = models.CharField(max_length=2048, help_text="https://... for a webhook, mailto:a@b,c@d for email.")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

@@ -52,12 +52,15 @@ import psycopg
 import redis
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.db.models import F
 from django.db.models.functions import Least
 from django.utils import timezone
 
 from alerts.cache import rules_cache_invalidate
+from alerts.delivery import email_recipients, notification_send
 from alerts.metrics import notification_outcome_count
 from alerts.models import (
     ACTIVE_STATUSES,
@@ -70,6 +73,7 @@ from alerts.models import (
     AlertStatus,
     Notification,
     NotificationChannel,
+    NotificationChannelKind,
     NotificationStatus,
     Silence,
     rule_scope,
@@ -79,7 +83,7 @@ from devices.models import Device, DeviceStatus
 from iot.circuit_breaker import breaker_acquire, breaker_forget, breaker_record, breaker_release
 from iot.errors import ServiceError
 from iot.event_queue import EventQueueFull, event_queue_publish
-from iot.outbound import OutboundError, outbound_post, outbound_url_validate
+from iot.outbound import OutboundError, outbound_url_validate
 
 logger = logging.getLogger(__name__)
 
@@ -573,14 +577,25 @@ def channel_breaker_name(channel_id: uuid.UUID | str) -> str:
 
 
 def notification_channel_create(*, name: str, kind: str, url: str) -> NotificationChannel:
-    """Create a channel after the SSRF guard accepted its URL (resolved now; checked again at each delivery).
+    """Create a channel after its address was checked: a webhook URL by the SSRF guard (resolved now;
+    checked again at each delivery), an email channel's `mailto:` addresses by Django's validator.
 
-    Raises `NotificationChannelInvalidUrl` (400, nothing stored) with the guard's reason.
+    Raises `NotificationChannelInvalidUrl` (400, nothing stored) with the reason.
     """
-    try:
-        outbound_url_validate(url)
-    except ValueError as exc:
-        raise NotificationChannelInvalidUrl(str(exc)) from None
+    if kind == NotificationChannelKind.EMAIL:
+        recipients = email_recipients(url)
+        if not recipients:
+            raise NotificationChannelInvalidUrl("An email channel's url is mailto: and one or more addresses.")
+        for address in recipients:
+            try:
+                validate_email(address)
+            except ValidationError:
+                raise NotificationChannelInvalidUrl(f"Not an email address: {address[:100]!r}.") from None
+    else:
+        try:
+            outbound_url_validate(url)
+        except ValueError as exc:
+            raise NotificationChannelInvalidUrl(str(exc)) from None
     return NotificationChannel.objects.create(name=name, kind=kind, url=url)
 
 
@@ -666,7 +681,7 @@ UPDATE {_NOTIFICATIONS} AS n SET next_attempt_at = now() + make_interval(secs =>
 FROM {_CHANNELS} AS c
 WHERE n.id = %s AND c.id = n.channel_id
   AND n.status = 'pending' AND n.next_attempt_at <= now() AND n.expires_at > now()
-RETURNING c.id, c.url, n.alert_ids, n.attempts
+RETURNING c.id, c.kind, c.url, n.alert_ids, n.attempts
 """
 
 # Only a row nobody holds (its lease over) expires: a delivery in flight is left to finish.
@@ -759,7 +774,7 @@ def notification_deliver_attempt(*, notification_id: uuid.UUID) -> DeliveryResul
         if _notification_expire(notification_id=notification_id, reason="expired before any attempt"):
             return DeliveryResult("expired")
         return DeliveryResult("skipped")
-    channel_id, url, alert_ids, attempts = claimed
+    channel_id, kind, url, alert_ids, attempts = claimed
     body = _notification_body(notification_id=notification_id, channel_id=channel_id, alert_ids=alert_ids)
     if body is None:
         # Its alerts were deleted (with their device or rule): nothing left to report.
@@ -778,7 +793,7 @@ def notification_deliver_attempt(*, notification_id: uuid.UUID) -> DeliveryResul
         notification_outcome_count("held")
         return DeliveryResult("held", retry_in)
     try:
-        outbound_post(url=url, body=body, headers={"Idempotency-Key": str(notification_id)})
+        notification_send(kind=kind, url=url, body=body, notification_id=notification_id)
     except OutboundError as exc:
         if exc.retryable:
             breaker_record(permit=permit, success=False)

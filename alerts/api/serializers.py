@@ -291,8 +291,9 @@ class SilenceListQuerySerializer(StrictInputSerializer):
 
 
 class NotificationChannelCreateSerializer(StrictInputSerializer):
-    """A webhook: a JSON POST naming the new alerts is sent to `url` (checked by the SSRF guard now and at
-    every delivery)."""
+    """`webhook`: a JSON POST naming the new alerts is sent to `url` (checked by the SSRF guard now and at
+    every delivery). `email`: `url` is `mailto:` and one or more comma-separated addresses; a plain-text
+    message naming the alerts, with the same JSON attached, goes through the platform's mail server."""
 
     name = StrictCharField(max_length=128)
     kind = serializers.ChoiceField(choices=NotificationChannelKind.choices)

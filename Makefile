@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SERVICES := $(BIN)/python scripts/devservices.py
 
-.PHONY: run web worker manage test lint format bench clean-var
+.PHONY: run demo web worker manage test lint format bench clean-var
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
 ## run: everything (embedded Postgres/Redis if needed, migrations, web + workers) in the foreground
 run: $(STAMP)
 	$(SERVICES) --instance dev run -- $(BIN)/python scripts/platform.py all
+
+## demo: `make run` plus a simulated fleet (300 devices, alert rules, a staged firmware rollout)
+demo: $(STAMP)
+	$(SERVICES) --instance dev run -- $(BIN)/python scripts/platform.py demo
 
 ## web: the ASGI server alone (WEB_CONCURRENCY processes on PORT)
 web: $(STAMP)

@@ -6,15 +6,17 @@ from datetime import datetime, timedelta
 import orjson
 from django.conf import settings
 from django.db import connection
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from alerts.cache import rules_cache_get_many, rules_cache_key
 from alerts.models import (
+    ACTIVE_STATUSES,
     Alert,
     AlertRule,
     AlertRuleChannel,
     AlertRuleScope,
+    AlertSeverity,
     Notification,
     NotificationChannel,
     NotificationStatus,
@@ -260,3 +262,19 @@ def notification_channel_get(*, channel_id: uuid.UUID) -> NotificationChannel | 
 
 def notification_channel_list() -> QuerySet[NotificationChannel]:
     return NotificationChannel.objects.all()
+
+
+def alert_active_count(*, group_id: str | None = None) -> int:
+    """Open or acknowledged alerts, of the whole fleet or of the devices now in a group: one count query."""
+    alerts = Alert.objects.filter(status__in=ACTIVE_STATUSES)
+    if group_id is not None:
+        alerts = alerts.filter(device__group_id=group_id)
+    return alerts.count()
+
+
+def alert_active_counts_by_severity() -> dict[str, int]:
+    """Open or acknowledged alerts by severity (every severity present, 0 if none): one query."""
+    counts = dict(
+        Alert.objects.filter(status__in=ACTIVE_STATUSES).values_list("severity").annotate(n=Count("pk")).order_by()
+    )
+    return {severity: counts.get(severity, 0) for severity in AlertSeverity.values}

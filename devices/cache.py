@@ -3,12 +3,13 @@
 Built on the version-guarded cache in `iot.cache`; the `version` column is the guard.
 """
 
+from collections.abc import Iterable
 from uuid import UUID
 
 import orjson
 
 from devices.models import Device
-from iot.cache import versioned_cache_invalidate_with_commit
+from iot.cache import versioned_cache_invalidate_many_with_commit, versioned_cache_invalidate_with_commit
 from iot.redis import redis_key
 
 # The credential hash never leaves Postgres.
@@ -40,3 +41,11 @@ def device_from_cache(payload: bytes) -> Device:
 def device_cache_invalidate(*, device_id: UUID | str, version: int) -> None:
     """Tombstone the cached device now and, if inside a transaction, again after commit."""
     versioned_cache_invalidate_with_commit(key=device_cache_key(device_id), version=version)
+
+
+def device_cache_invalidate_many(*, versions: Iterable[tuple[UUID | str, int]]) -> None:
+    """`device_cache_invalidate` for many (device id, version) pairs, pipelined: what a set-based write
+    (one UPDATE ... RETURNING id, version) calls, instead of one Redis round trip per row."""
+    versioned_cache_invalidate_many_with_commit(
+        versions={device_cache_key(device_id): version for device_id, version in versions}
+    )

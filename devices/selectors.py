@@ -1,12 +1,14 @@
 """Reads of the device registry."""
 
 import uuid
+from dataclasses import dataclass
 
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import Count, F, QuerySet, Sum
+from django.db.models.functions import Extract
 
 from devices.cache import device_cache_key, device_from_cache, device_to_cache, device_token_cache_key
-from devices.models import Device
+from devices.models import Device, DeviceStatus
 from iot.cache import versioned_cache_fill, versioned_cache_get
 from iot.redis import get_redis
 
@@ -78,3 +80,55 @@ def device_status_get(*, device_id: uuid.UUID) -> str | None:
     it tells "unknown" from "decommissioned", read in the writer's transaction.
     """
     return Device.objects.filter(pk=device_id).values_list("status", flat=True).first()
+
+
+def device_state_for_update(*, device_id: uuid.UUID) -> tuple[str, str] | None:
+    """(status, firmware_version) from Postgres, the row locked until the caller's transaction ends
+    (`SELECT ... FOR UPDATE`; call it inside one). None if no device has this id.
+
+    For a write that decides from the device's current state and must not race another writer
+    of it (a firmware update entering maintenance remembers what to restore).
+    """
+    return Device.objects.select_for_update().filter(pk=device_id).values_list("status", "firmware_version").first()
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """Devices by status and their average uptime (last_seen - registered_at; 0 for a device never seen)."""
+
+    total: int
+    by_status: dict[str, int]
+    average_uptime_seconds: float
+
+
+def device_fleet_summary(*, group_id: str | None = None) -> FleetSummary:
+    """The whole fleet (or one group) in ONE aggregate query, whatever its size.
+
+    `GROUP BY status` with one count and one sum per row: at 100 000 devices 36 ms against 50 ms
+    for five `FILTER`ed counts and an average, and 13 ms for a bare `count(*)`, on a loaded
+    2-core machine (`bench/analytics.py` has the end-to-end figures). A group uses its index.
+    """
+    devices = Device.objects.all() if group_id is None else Device.objects.filter(group_id=group_id)
+    uptime = Extract(F("last_seen") - F("registered_at"), "epoch")
+    rows = devices.values_list("status").annotate(n=Count("pk"), uptime=Sum(uptime)).order_by()
+    by_status = {status: 0 for status in DeviceStatus.values}
+    total, uptime_sum = 0, 0.0
+    for status, n, status_uptime in rows:
+        by_status[status] = n
+        total += n
+        uptime_sum += float(status_uptime or 0.0)
+    return FleetSummary(total=total, by_status=by_status, average_uptime_seconds=uptime_sum / total if total else 0.0)
+
+
+def device_firmware_versions(*, limit: int = 10) -> list[tuple[str, int]]:
+    """The `limit` most common firmware versions across the fleet with their device counts, most common
+    first (ties by version): ONE `GROUP BY` query, whatever the fleet's size. Decommissioned devices
+    are left out: they run nothing any more. The rest of the fleet (versions past `limit`) is the
+    caller's total minus these."""
+    rows = (
+        Device.objects.exclude(status=DeviceStatus.DECOMMISSIONED)
+        .values_list("firmware_version")
+        .annotate(n=Count("pk"))
+        .order_by("-n", "firmware_version")[:limit]
+    )
+    return [(version, n) for version, n in rows]

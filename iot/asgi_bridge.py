@@ -12,6 +12,8 @@ blocked until the loop has taken it (response start, each body chunk, the end,
 and the request body when Django reads it): three or four thread/loop round
 trips per request. This bridge buffers the body first, runs the app to
 completion on a pool thread and sends the whole response from the loop: one hop.
+Only a response whose body is an iterator (Django's `StreamingHttpResponse` and
+`FileResponse`, a WSGI generator) is streamed instead: see "Streamed responses".
 Measured with `bench/http_adapter.py` (wrk against uvicorn as `make web` runs it,
 2 cores shared with other work, the adapters alternating, medians of 6 rounds;
 cpu = the server processes' CPU time per request, the figure the machine's other
@@ -34,11 +36,31 @@ alike, cpu ratios 0.83-1.30): the environ is built here from the ASGI scope by
 PEP 3333.
 
 Bodies over `MAX_REQUEST_BODY_BYTES` get 413 before they are buffered, chunked
-ones (no Content-Length) included. Operations endpoints (`/health/live`,
+ones (no Content-Length) included; paths matching `UPLOAD_PATH_PATTERNS` (the
+firmware artifact upload) have `MAX_UPLOAD_BODY_BYTES` instead. A body is
+buffered in a `SpooledTemporaryFile`: in memory up to 64 KiB (every JSON request),
+on disk past that, so a 256 MiB upload costs disk, not RAM, and holds no thread
+while it arrives (the thread is taken once the body is complete). Operations endpoints (`/health/live`,
 `/health/ready`, `/metrics`) run on a pool of their own (`WEB_OPS_THREADS`):
 with Postgres down and more requests in flight than request threads, liveness
 queued behind them took 9.7 s; on its own threads it answers in milliseconds
 whatever the request pool is doing.
+
+Streamed responses. A body held whole costs its size in RAM per concurrent
+request: a 256 MiB firmware download would cost 256 MiB, twice over while it
+was joined. So an iterator body goes from the pool thread to the event loop a
+chunk at a time, the thread waiting until the server has taken each chunk
+(`run_coroutine_threadsafe(...).result()`; uvicorn's `send` waits while the
+socket's write buffer is past its high-water mark): the memory of a download is
+a chunk plus that buffer, whatever the file's size (a 50 MB download grew the
+serving process's peak RSS by 0.4 MB here, against 100+ MB buffered). Files
+(Django hands `FileResponse` to `wsgi.file_wrapper`) are read in blocks of
+`STREAM_BLOCK_BYTES`, not Django's 4 KiB, so a chunk costs one thread/loop round
+trip per 256 KiB. A client that goes away (an `http.disconnect` from `receive`,
+watched while streaming) stops the reading at the next chunk; the iterable's
+`close()` (Django's request_finished: the DB connection goes back to the pool)
+runs on the request's own thread in every case. The price: a download holds a
+request thread for as long as the client takes to read it.
 
 WebSockets stay on Channels (see `iot.asgi`); only `http` scopes come here.
 """

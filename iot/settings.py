@@ -274,6 +274,11 @@ STATIC_ROOT = BASE_DIR / "var" / "staticfiles"
 TELEMETRY_MAX_FUTURE_SECONDS = env.int("TELEMETRY_MAX_FUTURE_SECONDS", default=300)
 # Daily partitions are created this many days ahead (and for the whole retention window behind).
 TELEMETRY_PARTITION_PREMAKE_DAYS = env.int("TELEMETRY_PARTITION_PREMAKE_DAYS", default=7)
+# Analytics: messages_per_second is the average over this many past seconds (at most 300, the
+# lifetime of the per-second counters).
+ANALYTICS_RATE_WINDOW_SECONDS = env.int("ANALYTICS_RATE_WINDOW_SECONDS", default=60)
+if not 1 <= ANALYTICS_RATE_WINDOW_SECONDS <= 300:
+    raise ImproperlyConfigured("ANALYTICS_RATE_WINDOW_SECONDS must be between 1 and 300.")
 # Message counts: minutes of received points that ended this long ago are counted from Postgres
 # (exact; the Redis counters of the minutes since are read on top), every so many seconds.
 TELEMETRY_COUNT_RECONCILE_GRACE_SECONDS = env.int("TELEMETRY_COUNT_RECONCILE_GRACE_SECONDS", default=60)
@@ -388,3 +393,52 @@ CELERY_BEAT_SCHEDULE["saga-sweep"] = {
     "task": "iot.saga.tasks.saga_sweep",
     "schedule": SAGA_SWEEP_INTERVAL_SECONDS,
 }
+
+# --- Files: firmware artifacts (firmware/artifacts.py) ---
+# Uploaded files go through Django's storage API. The default is local disk under MEDIA_ROOT; any
+# django-storages backend (S3, GCS, Azure) is a dotted class path in FILE_STORAGE_BACKEND with its
+# options as JSON in FILE_STORAGE_OPTIONS. Files are served only through the authenticated API, never MEDIA_URL.
+MEDIA_ROOT = env.str("MEDIA_ROOT", default=str(BASE_DIR / "var" / "media"))
+STORAGES = {
+    "default": {
+        "BACKEND": env.str("FILE_STORAGE_BACKEND", default="django.core.files.storage.FileSystemStorage"),
+        "OPTIONS": env.json("FILE_STORAGE_OPTIONS", default={}),
+    },
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
+# --- Firmware updates (firmware/saga.py) ---
+# A device that reports no result this long after its last sign of life (the dispatch, its last report, or
+# the end of its maintenance window) counts as silent: the update fails and is rolled back.
+FIRMWARE_DEVICE_TIMEOUT_SECONDS = env.float("FIRMWARE_DEVICE_TIMEOUT_SECONDS", default=600.0)
+# Larger artifact uploads are refused (413) as soon as they pass it. An HTTP upload is also bounded by
+# MAX_REQUEST_BODY_BYTES (the whole request, checked first): raise both for large images.
+FIRMWARE_ARTIFACT_MAX_BYTES = env.int("FIRMWARE_ARTIFACT_MAX_BYTES", default=256 * 1024 * 1024)
+if FIRMWARE_DEVICE_TIMEOUT_SECONDS <= 0 or FIRMWARE_ARTIFACT_MAX_BYTES <= 0:
+    raise ImproperlyConfigured("FIRMWARE_DEVICE_TIMEOUT_SECONDS and FIRMWARE_ARTIFACT_MAX_BYTES must be positive.")
+
+# --- Device liveness (devices/tasks.py) ---
+# An `active` device not seen (no accepted telemetry) for this long becomes `inactive`, and `active` again
+# with its next point; ThingsBoard's inactivity timeout (300 s by default) is the model. Set it above the
+# longest interval at which your devices report, or they flap. `last_seen` moves at most once a second.
+DEVICE_INACTIVE_AFTER_SECONDS = env.int("DEVICE_INACTIVE_AFTER_SECONDS", default=300)
+# How often the sweep runs (Celery beat): a device turns inactive up to this late.
+DEVICE_LIVENESS_INTERVAL_SECONDS = env.float("DEVICE_LIVENESS_INTERVAL_SECONDS", default=30.0)
+if DEVICE_INACTIVE_AFTER_SECONDS < 2 or DEVICE_LIVENESS_INTERVAL_SECONDS <= 0:
+    raise ImproperlyConfigured(
+        "DEVICE_INACTIVE_AFTER_SECONDS must be at least 2 (last_seen moves once a second) and "
+        "DEVICE_LIVENESS_INTERVAL_SECONDS positive."
+    )
+CELERY_BEAT_SCHEDULE["device-liveness-sweep"] = {
+    "task": "devices.tasks.device_liveness_sweep",
+    "schedule": DEVICE_LIVENESS_INTERVAL_SECONDS,
+    # A sweep queued while no worker ran is superseded by the next one: don't pile them up.
+    "options": {"expires": DEVICE_LIVENESS_INTERVAL_SECONDS},
+}
+
+# --- Telemetry series for charts (telemetry/series.py) ---
+# GET /telemetry/{device_id}/{metric}/series answers at most this many buckets; a longer range or a
+# shorter interval is a 400 that names the smallest interval that fits.
+TELEMETRY_SERIES_MAX_BUCKETS = env.int("TELEMETRY_SERIES_MAX_BUCKETS", default=2000)
+if TELEMETRY_SERIES_MAX_BUCKETS < 1:
+    raise ImproperlyConfigured("TELEMETRY_SERIES_MAX_BUCKETS must be at least 1.")

@@ -92,6 +92,8 @@ urlpatterns = [
     path("", include("devices.api.urls")),
     path("", include("telemetry.api.urls")),
     path("", include("alerts.api.urls")),
+    path("", include("firmware.api.urls")),
+    path("", include("analytics.api.urls")),
     # Keep last: only a path nothing above matched comes here (one trailing slash, not "//").
     re_path(r"^(?P<path>.*[^/])/$", without_trailing_slash),
 ]

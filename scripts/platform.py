@@ -4,6 +4,7 @@
     python scripts/platform.py web      # ASGI server, WEB_CONCURRENCY processes on PORT
     python scripts/platform.py worker   # Celery worker (+ beat unless WORKER_BEAT=0) + event-queue consumers
     python scripts/platform.py all      # migrate, then web + worker; Ctrl-C/SIGTERM stops both
+    python scripts/platform.py demo     # `all` plus a demo fleet (manage.py run_demo) playing against it
     python scripts/platform.py manage ARGS...   # manage.py with the same environment (make manage)
 
 `worker` and `all` supervise their children (scripts/supervisor.py): one that exits is
@@ -151,7 +152,7 @@ def main() -> int:
         os.execv(sys.executable, [sys.executable, str(REPO_ROOT / "manage.py"), *sys.argv[2:]])
     if mode == "worker":
         return _run_children(worker_commands())
-    if mode != "all":
+    if mode not in ("all", "demo"):
         print(__doc__, file=sys.stderr)
         return 2
     _metrics_dir()
@@ -160,12 +161,17 @@ def main() -> int:
     port = os.environ.get("PORT", "8000")
     print(
         f"\n  Platform starting on http://127.0.0.1:{port}\n"
-        f"  Admin:    http://127.0.0.1:{port}/admin/\n"
+        f"  Admin:    http://127.0.0.1:{port}/admin/  (the fleet dashboard; login above)\n"
         f"  API docs: http://127.0.0.1:{port}/api/docs\n"
         '  API token: make manage ARGS="create_api_token <username>"\n',
         flush=True,
     )
-    return _run_children({"web": web_argv(), **worker_commands()})
+    children = {"web": web_argv(), **worker_commands()}
+    if mode == "demo":
+        print("  Demo fleet: 300 simulated devices, alert rules, a staged rollout in 30 s\n", flush=True)
+        demo = [sys.executable, str(REPO_ROOT / "manage.py"), "run_demo", "--base-url", f"http://127.0.0.1:{port}"]
+        children["demo"] = demo
+    return _run_children(children)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,12 @@ def messages_per_second_key(epoch_second: int) -> str:
 def live_group_name(device_id) -> str:
     """The Channels group of a device's live feed (names must be ASCII, < 100 chars)."""
     return f"telemetry.live.{device_id}"
+
+
+# Refused submissions per device, one hash per UTC day (fields: device ids), kept `ERRORS_DAYS` + 1 days.
+ERRORS_DAYS = 7
+
+
+def errors_day_key(day: int) -> str:
+    """`day`: days since the Unix epoch."""
+    return redis_key("telemetry", "errors", day)

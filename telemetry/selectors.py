@@ -3,7 +3,7 @@
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.db import connection
 
@@ -13,8 +13,10 @@ from telemetry.models import TABLE, DeviceMessageCount, MessageCountWatermark, T
 from telemetry.redis_keys import (
     COUNT_WINDOW_SECONDS,
     COUNT_WINDOW_TTL_SECONDS,
+    ERRORS_DAYS,
     count_window_key,
     count_window_start,
+    errors_day_key,
     messages_per_second_key,
 )
 
@@ -168,3 +170,29 @@ def telemetry_messages_per_second(*, window_seconds: int = 10) -> float:
     now = int(time.time())
     keys = [messages_per_second_key(second) for second in range(now - window_seconds, now)]
     return sum(int(value) for value in get_redis().mget(keys) if value is not None) / window_seconds
+
+
+def telemetry_device_error_count(*, device_id: uuid.UUID) -> int:
+    """Submissions of the device refused over the last `ERRORS_DAYS` days (points counted): one round trip."""
+    today = int(time.time() // 86400)
+    pipe = get_redis().pipeline(transaction=False)
+    for day in range(today - ERRORS_DAYS + 1, today + 1):
+        pipe.hget(errors_day_key(day), str(device_id))
+    return sum(int(value) for value in pipe.execute() if value is not None)
+
+
+def telemetry_messages_per_minute(*, minutes: int = 60) -> list[tuple[datetime, int]]:
+    """Points received in each of the last `minutes` minutes, oldest first, the current (unfinished)
+    minute last: (minute start, count). ONE pipelined round trip over the per-minute counters
+    (`count_window_key`, field `total`, kept `COUNT_WINDOW_TTL_SECONDS`), whatever the fleet's size;
+    a minute nobody sent anything in counts 0. For the fleet dashboard's ingestion chart."""
+    minutes = max(1, min(minutes, COUNT_WINDOW_TTL_SECONDS // COUNT_WINDOW_SECONDS))
+    current = count_window_start(time.time())
+    starts = [current - COUNT_WINDOW_SECONDS * back for back in range(minutes - 1, -1, -1)]
+    pipe = get_redis().pipeline(transaction=False)
+    for start in starts:
+        pipe.hget(count_window_key(start), "total")
+    return [
+        (datetime.fromtimestamp(start, tz=UTC), int(value) if value is not None else 0)
+        for start, value in zip(starts, pipe.execute(), strict=True)
+    ]

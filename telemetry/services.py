@@ -32,6 +32,7 @@ outcome; points are counted `accepted` after the commit, with the publish.
 """
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,9 +51,10 @@ from devices.sql import device_live_sql
 from iot.errors import ServiceError
 from iot.event_queue import Admission, EventQueueFull, event_queue_admission, event_queue_publish
 from iot.ratelimit import RateLimitDecision, rate_limit_consume
+from iot.redis import get_redis
 from telemetry.metrics import EVENTS_LOST, count_points
 from telemetry.models import TABLE, DeviceMessageCount, MessageCountWatermark
-from telemetry.redis_keys import count_window_start
+from telemetry.redis_keys import ERRORS_DAYS, count_window_start, errors_day_key
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +365,23 @@ def _after_commit(*, batch: PointColumns, received_at: datetime, group_id: str |
         logger.warning("telemetry event for %s lost: %s (points are stored)", batch.device_id, exc)
 
 
+def telemetry_errors_count(*, device_id: uuid.UUID | str, points: int) -> None:
+    """Count a refused submission (invalid, rate limited, backpressure) against the device, for its analytics.
+
+    One Redis call, on refusals only; a Redis failure loses the count, never the answer.
+    Keys are per day and expire, so ids that name no device (an operator's typo) do not stay.
+    """
+    day = int(time.time() // 86400)
+    key = errors_day_key(day)
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        pipe.hincrby(key, str(device_id), max(points, 1))
+        pipe.expire(key, (ERRORS_DAYS + 1) * 86400)
+        pipe.execute()
+    except redis.RedisError as exc:
+        logger.warning("could not count a refused submission of %s: %s", device_id, exc)
+
+
 def telemetry_points_ingest(*, batch: PointColumns) -> IngestResult:
     """Store a validated batch durably, or refuse it whole (a `TelemetryRejected`).
 
@@ -374,6 +393,8 @@ def telemetry_points_ingest(*, batch: PointColumns) -> IngestResult:
         return _ingest(batch=batch)
     except TelemetryRejected as exc:
         count_points(outcome=exc.outcome, points=len(batch))
+        if not isinstance(exc, TelemetryUnknownDevice):  # no device to count it against
+            telemetry_errors_count(device_id=batch.device_id, points=len(batch))
         raise
 
 

@@ -100,9 +100,15 @@ def _run(api, target: WebhookTarget, django_db_blocker) -> None:
     target.set_mode("ok")
     wait_until(lambda: len(set(target.acknowledged)) == DEVICES, timeout=120, message="every notification delivered")
     wait_until(lambda: channel_state() == "closed", timeout=30, message="the breaker closes")
-    with django_db_blocker.unblock():
-        from alerts.models import Alert, Notification
+    from alerts.models import Alert, Notification
 
+    def statuses() -> set[str]:
+        with django_db_blocker.unblock():
+            return set(Notification.objects.filter(channel_id=channel["id"]).values_list("status", flat=True))
+
+    # The target answered; each worker records `delivered` right after: poll for it.
+    wait_until(lambda: statuses() == {"delivered"}, timeout=30, message="every row delivered")
+    with django_db_blocker.unblock():
         notifications = list(Notification.objects.filter(channel_id=channel["id"]))
         occurrences = sum(Alert.objects.filter(rule_id=rule.json()["id"]).values_list("occurrences", flat=True))
     assert len(notifications) == DEVICES and {n.status for n in notifications} == {"delivered"}

@@ -78,10 +78,14 @@ def _run(api, running, target: WebhookTarget, django_db_blocker, log_dir) -> Non
         f"worker killed with {held_at_kill} delivery(ies) in flight; all {DEVICES} delivered "
         f"{time.monotonic() - killed_at:.1f} s later"
     )
-    with django_db_blocker.unblock():
-        from alerts.models import Notification
+    from alerts.models import Notification
 
-        notifications = list(Notification.objects.filter(channel_id=channel["id"]))
+    def rows() -> list:
+        with django_db_blocker.unblock():
+            return list(Notification.objects.filter(channel_id=channel["id"]))
+
+    # The target answered; the worker records `delivered` right after: poll for it.
+    wait_until(lambda: {n.status for n in rows()} == {"delivered"}, timeout=30, message="every row delivered")
+    notifications = rows()
     assert len(notifications) == DEVICES
-    assert {n.status for n in notifications} == {"delivered"}
     assert sorted(target.acknowledged) == sorted(str(n.pk) for n in notifications)  # each exactly once

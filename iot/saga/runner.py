@@ -66,6 +66,8 @@ from iot.saga.selectors import saga_run_view
 logger = logging.getLogger(__name__)
 
 ERROR_MAX_LENGTH = 2000
+# A runner that found its run locked by another transaction looks again this much later.
+LOCKED_RETRY_SECONDS = 0.2
 # Runs re-queued per sweep at most; the next sweep takes the rest.
 SWEEP_BATCH = 1000
 
@@ -116,11 +118,19 @@ def _error_text(exc: BaseException) -> str:
 
 def saga_advance_run(*, run_id: uuid.UUID) -> str:
     """Do what the run needs now, if anything: run its due step or compensation. Idempotent; returns what
-    happened: skipped (ended, unknown, or held by another worker, which queues what comes next), not_due,
+    happened: skipped (ended or unknown), locked (held by another transaction: queued again shortly), not_due,
     advanced, waiting, retrying, failed, compensated_step, or the final status."""
     with transaction.atomic():
         run = run_lock(run_id=run_id, skip_locked=True)
-        if run is None or run.status not in ACTIVE_STATUSES:
+        if run is None:
+            # Ended or unknown, or held: by a step (which queues what comes next when it commits), or by a
+            # caller's transaction (a cancel, a signal, a domain write), which may not. Look again shortly
+            # while it is active and due, so this task is never the one that got lost.
+            if SagaRun.objects.filter(pk=run_id, status__in=ACTIVE_STATUSES, next_run_at__lte=Now()).exists():
+                run_queue_on_commit(run_id, countdown=LOCKED_RETRY_SECONDS)
+                return "locked"
+            return "skipped"
+        if run.status not in ACTIVE_STATUSES:
             return "skipped"
         if run.next_run_at is None or run.next_run_at > run.db_now:
             return "not_due"

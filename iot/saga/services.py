@@ -43,17 +43,28 @@ def saga_start(*, name: str, key: str, context: dict[str, Any] | None = None) ->
 
 def saga_signal(*, run_id: uuid.UUID) -> bool:
     """Make a waiting step due now and queue it (after commit). Harmless if the run is not waiting: returns
-    whether it was. While the run's step is executing this waits for it (the row lock), then sees its outcome,
-    so a step that is about to return StepWait is still woken."""
+    whether it was.
+
+    The run's row is locked first (`FOR UPDATE`, waiting for a step in progress): a conditional `UPDATE ...
+    WHERE waiting` alone would not wait, because the committed row of a step running for the first time says
+    `waiting = false`, and Postgres skips a row whose committed version does not match without waiting for its
+    lock; the wake-up would be lost when that step then returns StepWait. After the lock it sees the step's
+    outcome. The runner is queued on commit either way: a run whose task was skipped while this held the lock
+    is not left to its lease.
+    """
     with transaction.atomic():
-        woken = SagaRun.objects.filter(pk=run_id, status__in=ACTIVE_STATUSES, waiting=True).update(
-            next_run_at=Now(),
-            lease_expires_at=Now() + timedelta(seconds=settings.SAGA_LEASE_SECONDS),
-            updated_at=Now(),
-        )
+        run = run_lock(run_id=run_id, skip_locked=False)
+        if run is None or run.status not in ACTIVE_STATUSES:
+            return False
+        woken = run.waiting
         if woken:
-            run_queue_on_commit(run_id)
-    return bool(woken)
+            SagaRun.objects.filter(pk=run_id).update(
+                next_run_at=Now(),
+                lease_expires_at=Now() + timedelta(seconds=settings.SAGA_LEASE_SECONDS),
+                updated_at=Now(),
+            )
+        run_queue_on_commit(run_id)
+    return woken
 
 
 def saga_cancel(*, run_id: uuid.UUID, reason: str) -> bool:
@@ -67,6 +78,8 @@ def saga_cancel(*, run_id: uuid.UUID, reason: str) -> bool:
         run = run_lock(run_id=run_id, skip_locked=False)
         if run is None:
             raise SagaRunNotFound()
+        # Queued on commit whatever happens: a runner task that skipped the row while this held it is not lost.
+        run_queue_on_commit(run_id)
         if run.status != SagaStatus.RUNNING:
             return False
         saga_run_cancel(run=run, reason=reason)

@@ -46,3 +46,29 @@ def redis_namespace(prefix: str) -> Iterator[str]:
         yield prefix
     finally:
         redis_prefix_flush(prefix)
+
+
+@contextmanager
+def redis_round_trips() -> Iterator[list[str]]:
+    """Count the Redis round trips made inside the block (by any client of this process): yields a list
+    that gets one entry per command sent alone and one per pipeline executed."""
+    import redis
+
+    calls: list[str] = []
+    command, execute = redis.Redis.execute_command, redis.client.Pipeline.execute
+
+    def counted_command(self, *args, **kwargs):
+        calls.append(str(args[0]))
+        return command(self, *args, **kwargs)
+
+    def counted_execute(self, *args, **kwargs):
+        calls.append("pipeline")
+        return execute(self, *args, **kwargs)
+
+    redis.Redis.execute_command = counted_command
+    redis.client.Pipeline.execute = counted_execute
+    try:
+        yield calls
+    finally:
+        redis.Redis.execute_command = command
+        redis.client.Pipeline.execute = execute

@@ -133,3 +133,44 @@ def test_a_hold_refuses_every_fill_until_the_after_commit_invalidation(key):
         message="a fill after the invalidation",
     )
     assert timed_cache_get(key=key).payload == b"new"
+
+
+# --- Many keys at once (set-based writes) ------------------------------------------------------
+
+
+def test_invalidate_many_tombstones_every_key_like_one_at_a_time(monkeypatch):
+    """Past a chunk boundary too: each key ends as `versioned_cache_invalidate` would leave it."""
+    from iot import cache
+    from iot.cache import versioned_cache_invalidate_many
+
+    monkeypatch.setattr(cache, "INVALIDATE_MANY_CHUNK", 3)
+    keys = [redis_key("test-cache", uuid.uuid4().hex) for _ in range(7)]
+    newer = keys[0]
+    assert fill(newer, 9, b"v9", versioned_cache_get(key=newer))  # knows a newer version than the write's
+    for key in keys[1:]:  # version 5 cached
+        assert fill(key, 5, b"v5", versioned_cache_get(key=key))
+    versioned_cache_invalidate_many(versions={key: 6 for key in keys})
+    assert versioned_cache_get(key=newer).payload == b"v9"  # never lowered
+    for key in keys[1:]:
+        miss = versioned_cache_get(key=key)
+        assert not miss.hit, key
+        assert not fill(key, 5, b"v5", miss), "a reader of the old version filled after the tombstone"
+        assert get_redis().pttl(key) > 0
+        assert fill(key, 6, b"v6", miss)
+        assert versioned_cache_get(key=key).payload == b"v6"
+    versioned_cache_invalidate_many(versions={})  # nothing to do, no call
+
+
+def test_invalidate_many_with_commit_tombstones_again_after_commit(django_capture_on_commit_callbacks, db):
+    from iot.cache import versioned_cache_invalidate_many_with_commit
+
+    key = redis_key("test-cache", uuid.uuid4().hex)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        versioned_cache_invalidate_many_with_commit(versions={key: 3})
+        assert not fill(key, 2, b"v2", versioned_cache_get(key=key))  # tombstoned inside the transaction
+    assert len(callbacks) == 1
+    get_redis().delete(key)  # the tombstone is gone (a long transaction outlived it)...
+    assert fill(key, 2, b"v2", versioned_cache_get(key=key))  # ...and a reader of the old row filled
+    callbacks[0]()  # the commit: tombstoned again
+    assert not versioned_cache_get(key=key).hit
+    assert not fill(key, 2, b"v2", versioned_cache_get(key=key))

@@ -52,6 +52,7 @@ def test_device_tokens_are_a_security_scheme_where_devices_are_let_in(spec):
         ("/devices/{id}", "patch", {"200", "400", "401", "403", "404", "415"}),
         ("/telemetry/{device_id}", "get", {"200", "400", "401", "403", "404"}),
         ("/telemetry/{device_id}/{metric}/latest", "get", {"200", "401", "403", "404"}),
+        ("/telemetry/{device_id}/{metric}/series", "get", {"200", "400", "401", "403", "404", "422"}),
         ("/telemetry/point", "post", {"202", "400", "401", "403", "409", "415", "422", "429", "503"}),
         ("/telemetry/batch", "post", {"202", "400", "401", "403", "409", "415", "422", "429", "503"}),
     ],

@@ -1,4 +1,4 @@
-"""Telemetry HTTP API: ingestion (point, batch) and reads (query, latest).
+"""Telemetry HTTP API: ingestion (point, batch) and reads (query, latest, series).
 
 Status codes of ingestion:
 
@@ -39,7 +39,7 @@ from iot.api.permissions import IsOperatorOrDevice, is_device
 from iot.api.schema import BAD_QUERY, UNSUPPORTED_MEDIA, error_responses
 from iot.idempotency.http import HEADER as IDEMPOTENCY_HEADER
 from iot.idempotency.http import idempotent_response
-from telemetry import selectors, services
+from telemetry import selectors, series, services
 from telemetry.api.parsers import StrictJSONParser
 from telemetry.api.serializers import (
     AcceptedSerializer,
@@ -48,6 +48,9 @@ from telemetry.api.serializers import (
     PointInSerializer,
     TelemetryPointSerializer,
     TelemetryQuerySerializer,
+    TelemetrySeriesQuerySerializer,
+    TelemetrySeriesSerializer,
+    series_to_representation,
 )
 from telemetry.api.validation import METRIC_PATTERN, TelemetryOutOfWindow, validate_batch, validate_point
 from telemetry.metrics import count_points
@@ -87,6 +90,17 @@ def _points_in(data) -> int:
     return len(points) if isinstance(points, list) else 1
 
 
+def _claimed_device(request) -> uuid.UUID | None:
+    """Whose refused submission this was: the device itself, or the body's `device_id` if it is a UUID."""
+    if is_device(request.user):
+        return request.user.device_id
+    try:
+        raw = request.data.get("device_id") if isinstance(request.data, dict) else None
+        return uuid.UUID(raw) if isinstance(raw, str) and len(raw) <= 45 else None
+    except (ValueError, ParseError):
+        return None
+
+
 class _IngestView(APIView):
     permission_classes = [IsOperatorOrDevice]
     parser_classes = [StrictJSONParser]
@@ -105,6 +119,9 @@ class _IngestView(APIView):
             batch = self.validate(request.data)
         except (ParseError, ValidationError, TelemetryOutOfWindow):
             count_points(outcome="invalid", points=_points_in(request.data))
+            device_id = _claimed_device(request)
+            if device_id is not None:
+                services.telemetry_errors_count(device_id=device_id, points=_points_in(request.data))
             raise
         if is_device(request.user) and request.user.device_id != batch.device_id:
             raise PermissionDenied("A device may only send its own telemetry.")
@@ -232,3 +249,63 @@ class TelemetryLatestView(APIView):
         if point is None:
             raise NotFound("No telemetry for this metric of this device.")
         return Response(TelemetryPointSerializer(point).data)
+
+
+METRIC = OpenApiParameter(
+    "metric",
+    {"type": "string", "pattern": f"^{METRIC_PATTERN}$", "maxLength": METRIC_MAX_LENGTH},
+    OpenApiParameter.PATH,
+    description="A metric name; it may contain `/`.",
+)
+
+
+class TelemetrySeriesView(APIView):
+    """One metric of a device as buckets of an aggregate, computed by Postgres (`telemetry/series.py`).
+
+    Measured (`bench/series.py`: in process through Django's test client with an operator token,
+    2 loaded cores, Postgres 15; medians of 100, two runs): a week of per-minute points of one
+    device (10 080, among 20 devices' weeks, daily partitions), 1h buckets (168): 5.3-6.8 ms for
+    the whole request, of which the query 3.4-4.1 ms (a bitmap scan of `(device_id, metric, ts DESC)`
+    in each of the 8 day partitions, sort, group); 10m buckets (1008): 10.3-14.5 ms; the default
+    24 hours at 1h: 2.7-3.5 ms. Raw, the same chart would be 10 080 points on the wire.
+    """
+
+    permission_classes = [IsOperatorOrDevice]
+
+    @extend_schema(
+        parameters=[DEVICE_ID, METRIC, TelemetrySeriesQuerySerializer],
+        responses={
+            200: TelemetrySeriesSerializer,
+            **error_responses(
+                {
+                    400: f"{BAD_QUERY} Or `end_time` not after `start_time`; or more buckets than "
+                    "TELEMETRY_SERIES_MAX_BUCKETS, on `interval`: the message names the limit and the smallest "
+                    "interval that fits.",
+                    403: "A device may only read its own telemetry.",
+                    404: f"{READ_NOT_FOUND} Or a malformed metric name.",
+                    422: "On `agg`: a bucket's sum overflows a 64-bit float (values near ±1.8e308).",
+                }
+            ),
+        },
+        description="Points of one metric of a device in [start_time, end_time) (default: the last 24 hours), "
+        "as buckets of `interval` aligned to the Unix epoch, each with the aggregate `agg` of its points and "
+        "their count. Buckets without points are left out; the first and last may cover only the part of "
+        "their interval inside the range. At most TELEMETRY_SERIES_MAX_BUCKETS buckets (default 2000) may "
+        "touch the range. A device may read its own series only.",
+    )
+    def get(self, request, device_id: str, metric: str):
+        device = _readable_device(request, device_id)
+        if not _metric_ok(metric):
+            raise NotFound("No telemetry for this metric of this device (malformed metric name).")
+        query = TelemetrySeriesQuerySerializer(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)
+        params = query.validated_data
+        result = series.telemetry_series(
+            device_id=device,
+            metric=metric,
+            agg=params["agg"],
+            interval_seconds=params["interval"],
+            start_time=params.get("start_time"),
+            end_time=params.get("end_time"),
+        )
+        return Response(series_to_representation(result))

@@ -218,10 +218,11 @@ def test_duplicate_advance_tasks_run_a_step_once():
     try:
         first, first_result = _in_thread(lambda: saga_advance_run(run_id=run_id))
         assert entered.wait(10)
-        # The duplicate, on its own connection while the first holds the row: skipped, at once.
+        # The duplicate, on its own connection while the first holds the row: returns at once, and looks again
+        # shortly (it cannot tell a step in progress from another transaction that will not queue anything).
         second, second_result = _in_thread(lambda: saga_advance_run(run_id=run_id))
         second.join(10)
-        assert second_result == ["skipped"]
+        assert second_result == ["locked"]
         assert saga_runs_requeue() == []  # the sweeper does not take an executing step for a lost one
         release.set()
         first.join(10)
@@ -359,3 +360,25 @@ def test_retry_delays_grow_exponentially_with_jitter_up_to_the_cap(settings):
         delays = [retry_delay_seconds(attempts=attempts) for _ in range(200)]
         assert low <= min(delays) and max(delays) <= high and len(set(delays)) > 1, attempts
     assert 30.0 <= retry_delay_seconds(attempts=100_000) <= 60.0  # a compensation retried for ever stays capped
+
+
+def test_a_signal_while_the_step_runs_for_the_first_time_wakes_it_when_it_waits(queued):
+    """The lost wake-up: the step is running for the first time (its committed row says not waiting) when the
+    signal comes (a device's report), then returns StepWait. The signal must wait for the step's lock and see
+    the run waiting, or the wake-up is lost until the step's deadline."""
+    flag = redis_key("saga-test", "flag", uuid.uuid4().hex)
+    run_id = start({"b": {"wait_for": flag}})
+    assert saga_advance_run(run_id=run_id) == "advanced"  # a
+    entered, release = _blocking_hook(run_id, "b")
+    try:
+        stepping, stepped = _in_thread(lambda: saga_advance_run(run_id=run_id))
+        assert entered.wait(10)
+        signalling, signalled = _in_thread(lambda: saga_signal(run_id=run_id))
+        release.set()  # the step goes on and returns StepWait (its flag is not set)
+        stepping.join(10)
+        signalling.join(10)
+    finally:
+        release.set()
+    assert stepped == ["waiting"] and signalled == [True]
+    run = saga_drive(run_id=run_id)  # due at once, not a minute later at its deadline: b runs again now
+    assert run.current_step == "b" and run.steps[1].attempts == 2

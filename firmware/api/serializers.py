@@ -1,0 +1,356 @@
+import math
+from datetime import timedelta
+
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from devices.api.serializers import VERSION_LABEL, VERSION_LABEL_ERRORS, VERSION_LABEL_RULE
+from firmware.models import ACTIVE_STATUSES, UpdateStatus
+from firmware.models.releases import CHECKSUM_MAX_LENGTH, VERSION_MAX_LENGTH
+from firmware.models.updates import REASON_MAX_LENGTH
+from firmware.services import REPORT_STATUSES
+from iot.api.serializers import JSON_NUMBER_MAX, StrictCharField, StrictInputSerializer, StrictRegexField
+
+RELEASE_NOTES_MAX_LENGTH = 20_000
+CANCEL_REASON_MAX_LENGTH = 500
+# A maintenance window may open up to a year ahead and last up to 30 days.
+WINDOW_MAX_AHEAD = timedelta(days=366)
+WINDOW_MAX_SECONDS = 30 * 24 * 3600
+
+
+# Strict scalars: DRF's own coerce ("5" is 5, 1 is true, 123 a UUID), which would store a client's
+# type error as some other value.
+class StrictIntegerField(serializers.IntegerField):
+    default_error_messages = {"not_integer": "Must be an integer (a JSON number without a fraction)."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("not_integer")
+        if isinstance(data, float) and (not math.isfinite(data) or not data.is_integer()):
+            self.fail("not_integer")
+        return super().to_internal_value(int(data))
+
+
+class StrictBooleanField(serializers.BooleanField):
+    default_error_messages = {"not_boolean": "Must be true or false."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("not_boolean")
+        return data
+
+
+class StrictUUIDField(serializers.UUIDField):
+    default_error_messages = {"invalid": "Must be a UUID string."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str) or len(data) > 45:
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictDateTimeField(serializers.DateTimeField):
+    """An ISO 8601 string (a timestamp without an offset is UTC); not a number, never a 500."""
+
+    default_error_messages = {"not_datetime": "Must be an ISO 8601 date-time string, e.g. 2026-01-01T12:00:00Z."}
+
+    def to_internal_value(self, value):
+        if not isinstance(value, str) or len(value) > 64 or "\x00" in value:
+            self.fail("not_datetime")
+        try:
+            return super().to_internal_value(value)
+        except (OverflowError, TypeError):  # an offset that moves it out of datetime's range
+            self.fail("not_datetime")
+
+
+def _one_of(values) -> dict:
+    return {"type": "string", "pattern": f"^({'|'.join(values)})$", "description": f"One of: {', '.join(values)}."}
+
+
+# Not enums: drf-spectacular makes every enum a component named after its field, and `status` here (two
+# choice sets) would collide with the devices' and alerts' `status`: a warning that fails the schema build.
+@extend_schema_field(_one_of(UpdateStatus.values))
+class UpdateStatusField(serializers.ChoiceField):
+    def __init__(self, **kwargs):
+        super().__init__(choices=UpdateStatus.choices, **kwargs)
+
+
+@extend_schema_field(_one_of(REPORT_STATUSES))
+class ReportStatusField(serializers.ChoiceField):
+    def __init__(self, **kwargs):
+        super().__init__(choices=REPORT_STATUSES, **kwargs)
+
+
+def _version_field(**kwargs):
+    kwargs.setdefault("help_text", f"{VERSION_LABEL_RULE}.")
+    return StrictRegexField(VERSION_LABEL, max_length=VERSION_MAX_LENGTH, error_messages=VERSION_LABEL_ERRORS, **kwargs)
+
+
+# --- Releases ------------------------------------------------------------------------------------
+
+
+class ReleaseRegisterSerializer(StrictInputSerializer):
+    """A release: its version label and checksum (checked against the artifact when an update runs)."""
+
+    version = _version_field()
+    checksum = StrictCharField(
+        max_length=CHECKSUM_MAX_LENGTH,
+        help_text="Stored as given: `sha256-<hex>`, `sha256:<hex>`, 64 hex digits, or `sha256-<base64>`. An update "
+        "to this release fails unless the uploaded artifact's SHA-256 is the digest it names.",
+    )
+    size_bytes = StrictIntegerField(
+        min_value=0, max_value=JSON_NUMBER_MAX, required=False, allow_null=True, help_text="Checked like the checksum."
+    )
+    release_notes = StrictCharField(
+        max_length=RELEASE_NOTES_MAX_LENGTH, required=False, allow_blank=True, allow_null=True, trim_whitespace=False
+    )
+    min_compatible_version = _version_field(required=False, allow_null=True)
+    created_at = StrictDateTimeField(required=False, help_text="The publisher's timestamp (default: now).")
+
+    def validate_version(self, value: str) -> str:
+        # `.` and `..` are labels no URL can carry (clients resolve them away), so they could never be read back.
+        if not any(char.isalnum() for char in value):
+            raise serializers.ValidationError("Must contain at least one letter or digit.")
+        return value
+
+    def validate_checksum(self, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise serializers.ValidationError("Must be printable characters, not blank.")
+        return value
+
+
+class ReleaseSerializer(serializers.Serializer):
+    """A firmware release and its artifact (the server's own SHA-256 and size of the uploaded file)."""
+
+    version = serializers.CharField(read_only=True)
+    checksum = serializers.CharField(read_only=True)
+    size_bytes = serializers.IntegerField(read_only=True, allow_null=True)
+    release_notes = serializers.CharField(read_only=True)
+    min_compatible_version = serializers.CharField(read_only=True, allow_null=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    registered_at = serializers.DateTimeField(read_only=True)
+    has_artifact = serializers.BooleanField(read_only=True)
+    artifact_sha256 = serializers.SerializerMethodField()
+    artifact_size = serializers.IntegerField(read_only=True, allow_null=True)
+    artifact_uploaded_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+    def get_artifact_sha256(self, release) -> str | None:
+        return release.artifact_sha256 or None
+
+
+class ArtifactUploadSerializer(serializers.Serializer):
+    """`multipart/form-data` with the image in the field `file`."""
+
+    file = serializers.FileField(help_text="The firmware image; its SHA-256 is computed by the server.")
+
+
+# --- Updates -------------------------------------------------------------------------------------
+
+
+class MaintenanceWindowInSerializer(StrictInputSerializer):
+    """When the device may install: from `start`, for `duration_seconds` (the window must not be over yet,
+    and must open within a year)."""
+
+    start = StrictDateTimeField(help_text="When installing may begin.")
+    duration_seconds = StrictIntegerField(min_value=1, max_value=WINDOW_MAX_SECONDS)
+
+    def validate(self, attrs):
+        now = timezone.now()
+        if attrs["start"] > now + WINDOW_MAX_AHEAD:
+            raise serializers.ValidationError("The window must open within a year.")
+        if attrs["start"] + timedelta(seconds=attrs["duration_seconds"]) <= now:
+            raise serializers.ValidationError("The window is already over.")
+        return attrs
+
+
+@extend_schema_field(MaintenanceWindowInSerializer)
+class MaintenanceWindowField(serializers.Field):
+    """A maintenance window object; its errors are one flat list of messages naming the member (the shape of
+    every validation error: field -> list of strings), not a nested object."""
+
+    def to_internal_value(self, data):
+        window = MaintenanceWindowInSerializer(data=data)
+        if window.is_valid():
+            return window.validated_data
+        messages = []
+        for name, errors in window.errors.items():
+            for error in errors if isinstance(errors, list) else [errors]:
+                messages.append(str(error) if name == "non_field_errors" else f"{name}: {error}")
+        raise serializers.ValidationError(messages)
+
+    def to_representation(self, value):
+        return value
+
+
+class UpdateCreateSerializer(StrictInputSerializer):
+    """Update a device to a release; `force` supersedes the device's active update."""
+
+    device_id = StrictUUIDField()
+    to_version = _version_field()
+    force = StrictBooleanField(required=False, default=False)
+    maintenance_window = MaintenanceWindowField(
+        required=False,
+        allow_null=True,
+        help_text="The device may download at any time but install only inside this window (default: any time).",
+    )
+
+
+class UpdateListQuerySerializer(StrictInputSerializer):
+    device_id = StrictUUIDField(required=False, help_text="Only this device's updates.")
+    status = UpdateStatusField(required=False)
+    active = serializers.ChoiceField(
+        choices=["true", "false"], required=False, help_text="Only active (or only finished) updates."
+    )
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, help_text="Page size (default 100).")
+    cursor = serializers.CharField(required=False, help_text="From a page's `next`/`previous` link, unchanged.")
+
+
+class ReleaseListQuerySerializer(StrictInputSerializer):
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, help_text="Page size (default 100).")
+    cursor = serializers.CharField(required=False, help_text="From a page's `next`/`previous` link, unchanged.")
+
+
+class UpdateCancelSerializer(StrictInputSerializer):
+    """Optionally, why (recorded as the update's error)."""
+
+    reason = StrictCharField(
+        max_length=CANCEL_REASON_MAX_LENGTH, required=False, help_text="Recorded as the update's error."
+    )
+
+
+class UpdateReportSerializer(StrictInputSerializer):
+    """A device's report on its update."""
+
+    status = ReportStatusField(
+        help_text="A stage (downloading, downloaded, installing) or the result (installed, failed). A stage "
+        "earlier than the update's is ignored (200, the current state).",
+    )
+    progress = StrictIntegerField(min_value=0, max_value=100, required=False, help_text="Percent.")
+    version = _version_field(required=False, help_text="With `installed` (required): the version now running.")
+    reason = StrictCharField(
+        max_length=REASON_MAX_LENGTH, required=False, allow_blank=True, help_text="With `failed`: why."
+    )
+
+    def validate(self, attrs):
+        if attrs["status"] == "installed" and not attrs.get("version"):
+            raise serializers.ValidationError({"version": ["Required with status installed."]})
+        if attrs["status"] != "installed" and "version" in attrs:
+            raise serializers.ValidationError({"version": ["Only with status installed."]})
+        if attrs["status"] != "failed" and "reason" in attrs:
+            raise serializers.ValidationError({"reason": ["Only with status failed."]})
+        return attrs
+
+
+class MaintenanceWindowSerializer(serializers.Serializer):
+    start = serializers.DateTimeField(source="maintenance_window_start")
+    end = serializers.DateTimeField(source="maintenance_window_end")
+    duration_seconds = serializers.SerializerMethodField()
+
+    def get_duration_seconds(self, update) -> int:
+        return round((update.maintenance_window_end - update.maintenance_window_start).total_seconds())
+
+
+class DeviceReportSerializer(serializers.Serializer):
+    result = serializers.CharField(source="device_result", allow_null=True, help_text="installed, failed or null.")
+    version = serializers.CharField(source="reported_version", allow_null=True)
+    reason = serializers.CharField(source="device_reason")
+    last_report_at = serializers.DateTimeField(allow_null=True)
+
+
+class SagaStepSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    phase = serializers.CharField(help_text="forward or compensate.")
+    status = serializers.CharField(help_text="pending, running, waiting, done or failed.")
+    attempts = serializers.IntegerField()
+    error = serializers.CharField(allow_null=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class SagaSerializer(serializers.Serializer):
+    """The update's saga run and its step log (forward steps, then compensations in reverse order)."""
+
+    id = serializers.UUIDField()
+    status = serializers.CharField(help_text="running, compensating, succeeded, compensated or cancelled.")
+    current_step = serializers.CharField(allow_null=True)
+    error = serializers.CharField(allow_null=True)
+    steps = SagaStepSerializer(many=True)
+
+
+class UpdateSerializer(serializers.Serializer):
+    """A firmware update of one device."""
+
+    id = serializers.UUIDField(read_only=True)
+    device_id = serializers.UUIDField(read_only=True)
+    from_version = serializers.CharField(read_only=True)
+    to_version = serializers.CharField(read_only=True)
+    status = UpdateStatusField(read_only=True)
+    progress = serializers.IntegerField(read_only=True)
+    started_at = serializers.DateTimeField(read_only=True)
+    completed_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    error = serializers.CharField(read_only=True, allow_null=True)
+    force = serializers.BooleanField(read_only=True)
+    active = serializers.SerializerMethodField()
+    dispatched_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    cancelled_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    superseded_by = serializers.UUIDField(read_only=True, allow_null=True)
+    maintenance_window = serializers.SerializerMethodField()
+    install_allowed = serializers.SerializerMethodField()
+    device_report = serializers.SerializerMethodField()
+
+    def get_active(self, update) -> bool:
+        """Still in progress (a cancelled one until its compensation has run)."""
+        return update.status in ACTIVE_STATUSES
+
+    @extend_schema_field(MaintenanceWindowSerializer(allow_null=True))
+    def get_maintenance_window(self, update):
+        if update.maintenance_window_start is None:
+            return None
+        return MaintenanceWindowSerializer(update).data
+
+    def get_install_allowed(self, update) -> bool:
+        return update.install_allowed()
+
+    @extend_schema_field(DeviceReportSerializer)
+    def get_device_report(self, update):
+        return DeviceReportSerializer(update).data
+
+
+class UpdateDetailSerializer(UpdateSerializer):
+    """A firmware update with its saga's step log."""
+
+    saga = serializers.SerializerMethodField()
+
+    @extend_schema_field(SagaSerializer(allow_null=True))
+    def get_saga(self, update):
+        run = self.context.get("saga")
+        return None if run is None else SagaSerializer(run).data
+
+
+class DeviceUpdateSerializer(serializers.Serializer):
+    """The update waiting for the device: what to download, how to check it, whether it may install now."""
+
+    update_id = serializers.UUIDField(source="id")
+    from_version = serializers.CharField()
+    to_version = serializers.CharField()
+    status = UpdateStatusField()
+    progress = serializers.IntegerField()
+    artifact_url = serializers.SerializerMethodField()
+    checksum = serializers.CharField(source="release.checksum", help_text="As the publisher registered it.")
+    sha256 = serializers.CharField(source="release.artifact_sha256", help_text="Of the artifact, 64 hex digits.")
+    size_bytes = serializers.IntegerField(source="release.artifact_size")
+    install_allowed = serializers.SerializerMethodField()
+    maintenance_window = serializers.SerializerMethodField()
+
+    def get_artifact_url(self, update) -> str:
+        return self.context["artifact_url"]
+
+    def get_install_allowed(self, update) -> bool:
+        return update.install_allowed()
+
+    @extend_schema_field(MaintenanceWindowSerializer(allow_null=True))
+    def get_maintenance_window(self, update):
+        if update.maintenance_window_start is None:
+            return None
+        return MaintenanceWindowSerializer(update).data

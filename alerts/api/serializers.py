@@ -1,4 +1,3 @@
-import math
 import uuid
 
 from django.utils import timezone
@@ -7,42 +6,18 @@ from rest_framework import serializers
 
 from alerts.models import GROUP_ID_MAX_LENGTH, AlertOperator, AlertSeverity, AlertStatus, NotificationChannelKind
 from alerts.services import channel_breaker_name
-from iot.api.serializers import StrictCharField, StrictInputSerializer, StrictRegexField
+from iot.api.serializers import (
+    StrictBooleanField,
+    StrictCharField,
+    StrictFloatField,
+    StrictInputSerializer,
+    StrictRegexField,
+    StrictUUIDField,
+)
 from telemetry.api.validation import METRIC_ERROR, METRIC_PATTERN
 
 MAX_CHANNELS_PER_RULE = 20
 COMMENT_MAX_LENGTH = 1000
-
-
-# Strict scalar fields: DRF's own coerce ("50" and true are a float 50.0 and 1.0, 123 is a UUID,
-# "yes" is true), so a client's type error would be stored as some other value.
-class StrictFloatField(serializers.FloatField):
-    """A finite JSON number (not a string, not a boolean)."""
-
-    default_error_messages = {"not_number": "Must be a finite number."}
-
-    def to_internal_value(self, data):
-        if isinstance(data, bool) or not isinstance(data, int | float) or not math.isfinite(data):
-            self.fail("not_number")
-        return float(data)
-
-
-class StrictBooleanField(serializers.BooleanField):
-    default_error_messages = {"not_boolean": "Must be true or false."}
-
-    def to_internal_value(self, data):
-        if not isinstance(data, bool):
-            self.fail("not_boolean")
-        return data
-
-
-class StrictUUIDField(serializers.UUIDField):
-    default_error_messages = {"invalid": "Must be a UUID string."}
-
-    def to_internal_value(self, data):
-        if not isinstance(data, str) or len(data) > 45:
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 # Not an `enum`: drf-spectacular makes every enum a component named after its field, and the

@@ -1,6 +1,7 @@
 """Serializer building blocks shared by every app's API."""
 
 import json
+import math
 import re
 
 import orjson
@@ -127,3 +128,59 @@ class StrictCharField(serializers.CharField):
 
 class StrictRegexField(StrictCharField, serializers.RegexField):
     pass
+
+
+# Strict scalars: DRF's own coerce ("5" is 5, 1 is true, 123 a UUID, "yes" true), which would store a
+# client's type error as some other value.
+class StrictIntegerField(serializers.IntegerField):
+    default_error_messages = {"not_integer": "Must be an integer (a JSON number without a fraction)."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("not_integer")
+        if isinstance(data, float) and (not math.isfinite(data) or not data.is_integer()):
+            self.fail("not_integer")
+        return super().to_internal_value(int(data))
+
+
+class StrictFloatField(serializers.FloatField):
+    """A finite JSON number (an integer too), not a string or a boolean."""
+
+    default_error_messages = {"not_number": "Must be a finite number."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int | float) or not math.isfinite(data):
+            self.fail("not_number")
+        return float(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    default_error_messages = {"not_boolean": "Must be true or false."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("not_boolean")
+        return data
+
+
+class StrictUUIDField(serializers.UUIDField):
+    default_error_messages = {"invalid": "Must be a UUID string."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str) or len(data) > 45:
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictDateTimeField(serializers.DateTimeField):
+    """An ISO 8601 string (a timestamp without an offset is UTC); not a number, never a 500."""
+
+    default_error_messages = {"not_datetime": "Must be an ISO 8601 date-time string, e.g. 2026-01-01T12:00:00Z."}
+
+    def to_internal_value(self, value):
+        if not isinstance(value, str) or len(value) > 64 or "\x00" in value:
+            self.fail("not_datetime")
+        try:
+            return super().to_internal_value(value)
+        except (OverflowError, TypeError):  # an offset that moves it out of datetime's range
+            self.fail("not_datetime")

@@ -49,9 +49,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
-## bench: the speed targets (figures are printed)
+## bench: the ingestion targets as ratios to ceilings measured in the same run (bench/suite.py, docs/perf/README.md;
+## needs wrk: apt-get install wrk). BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--rounds 3"
 bench: $(STAMP)
-	$(SERVICES) --instance bench run -- sh -c '$(BIN)/python bench/registration.py && $(BIN)/python bench/ingest.py' 
+	$(SERVICES) --instance bench run -- $(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 clean-var:
 	rm -rf var/

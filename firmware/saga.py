@@ -22,6 +22,7 @@ retried until it succeeds. Steps, in order:
 final status: `installed`, `failed` (a step failed: checksum, missing artifact, the device's
 failure, silence) or `rolled_back` (cancelled or superseded), with `error` and `completed_at`.
 So a final status is committed together with the device's settled state, never before it.
+For an update of a staged rollout it also queues the rollout's advance after that commit.
 
 Two updates never change one device at the same time: a new update's `enter_maintenance`
 waits while an earlier update of the device (cancelled or superseded, still compensating) has
@@ -260,6 +261,12 @@ def firmware_update_finished(run: SagaRunView) -> None:
     )
     for run_id in waiting:
         transaction.on_commit(partial(saga_signal, run_id=run_id), robust=True)
+    if run.context.get("rollout_id"):
+        # The rollout may pass a threshold now: its advance is queued after this commit (debounced, so a stage
+        # of many updates ending together queues one advance, not one each; the beat covers a lost one).
+        from firmware.rollouts import rollout_advance_request  # imports this module
+
+        transaction.on_commit(partial(rollout_advance_request, uuid.UUID(run.context["rollout_id"])), robust=True)
 
 
 FIRMWARE_UPDATE_SAGA = SagaDefinition(

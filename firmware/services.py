@@ -290,6 +290,8 @@ def firmware_update_start(
     force: bool = False,
     maintenance_window: MaintenanceWindow | None = None,
     requested_by: AbstractBaseUser | None = None,
+    rollout_id: uuid.UUID | None = None,
+    rollout_stage: int | None = None,
 ) -> FirmwareUpdate:
     """Create a pending update of a device to a release and start its saga, in one transaction.
 
@@ -297,7 +299,8 @@ def firmware_update_start(
     device with an active update, `FirmwareUpdateActive` (409, naming it) unless `force`:
     then that update is cancelled (its saga compensates; it ends `rolled_back` with
     "superseded by <new id>") and the new one created, in this same transaction.
-    A decommissioned device is refused (422): it takes no more updates.
+    A decommissioned device is refused (422): it takes no more updates. `rollout_id`/`rollout_stage`:
+    the staged rollout creating it (`firmware.rollouts`); its saga's end then wakes the rollout.
     """
     release = FirmwareRelease.objects.filter(version=to_version).first()
     if release is None:
@@ -328,6 +331,8 @@ def firmware_update_start(
                     maintenance_window_start=maintenance_window.start if maintenance_window else None,
                     maintenance_window_end=maintenance_window.end if maintenance_window else None,
                     requested_by_id=_user_id(requested_by),
+                    rollout_id=rollout_id,
+                    rollout_stage=rollout_stage,
                 )
         except IntegrityError:
             active = _active_update_of(device_id)
@@ -343,9 +348,10 @@ def firmware_update_start(
                     active_status=active.status,
                 ) from None
             continue
-        run_id = saga_start(
-            name=SAGA_NAME, key=str(update_id), context={"update_id": str(update_id), "device_id": str(device_id)}
-        )
+        context = {"update_id": str(update_id), "device_id": str(device_id)}
+        if rollout_id is not None:
+            context["rollout_id"] = str(rollout_id)
+        run_id = saga_start(name=SAGA_NAME, key=str(update_id), context=context)
         FirmwareUpdate.objects.filter(pk=update_id).update(saga_run_id=run_id)
         update.saga_run_id = run_id
         return update

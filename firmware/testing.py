@@ -1,10 +1,14 @@
-"""The firmware app's part of the test kit: releases with real artifacts, updates, and a device that
-speaks the device-facing API over HTTP (the shared part is `iot/testing/`, which imports no domain app)."""
+"""The firmware app's part of the test kit: releases with real artifacts, updates, rollouts' advance kept
+in the test's process, and a device that speaks the device-facing API over HTTP (the shared part is
+`iot/testing/`, which imports no domain app)."""
 
 import hashlib
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 import httpx
 from django.core.files.base import ContentFile
@@ -24,11 +28,8 @@ def platform_ready(client: httpx.Client, *, timeout: float = 120.0) -> None:
 def artifact_bytes(size: int = 64 * 1024, *, seed: str | None = None) -> bytes:
     """Deterministic pseudo-random content of `size` bytes (a stand-in firmware image)."""
     seed_bytes = (seed or uuid.uuid4().hex).encode()
-    blocks, counter = [], 0
-    while sum(map(len, blocks)) < size:
-        blocks.append(hashlib.sha256(seed_bytes + counter.to_bytes(8, "big")).digest())
-        counter += 1
-    return b"".join(blocks)[:size]
+    blocks = -(-size // 32)  # SHA-256 digests of 32 bytes each
+    return b"".join(hashlib.sha256(seed_bytes + n.to_bytes(8, "big")).digest() for n in range(blocks))[:size]
 
 
 def sha256_checksum(content: bytes, *, style: str = "sha256-") -> str:
@@ -94,3 +95,12 @@ class DeviceFirmwareClient:
         return self.client.post(
             f"/firmware/updates/{update_id}/report", json={"status": status, **fields}, headers=self.headers
         )
+
+
+@contextmanager
+def rollout_advance_capture() -> Iterator[list[uuid.UUID]]:
+    """Instead of queuing `firmware.tasks.rollout_advance`, record the rollout id of each advance requested
+    (after the debounce in Redis), in order; the test calls `firmware.rollouts.firmware_rollout_advance`."""
+    requested: list[uuid.UUID] = []
+    with mock.patch("firmware.rollouts._advance_task_queue", requested.append):
+        yield requested

@@ -38,35 +38,38 @@ PEP 3333.
 Bodies over `MAX_REQUEST_BODY_BYTES` get 413 before they are buffered, chunked
 ones (no Content-Length) included; paths matching `UPLOAD_PATH_PATTERNS` (the
 firmware artifact upload) have `MAX_UPLOAD_BODY_BYTES` instead. A body is
-buffered in a `SpooledTemporaryFile`: in memory up to 64 KiB (every JSON request),
-on disk past that, so a 256 MiB upload costs disk, not RAM, and holds no thread
-while it arrives (the thread is taken once the body is complete). Operations endpoints (`/health/live`,
-`/health/ready`, `/metrics`) run on a pool of their own (`WEB_OPS_THREADS`):
+buffered in a `SpooledTemporaryFile`: in memory up to 64 KiB (every JSON
+request), on disk past that, so a 256 MiB upload costs disk, not RAM, and holds
+no thread while it arrives (a thread is taken once the body is complete).
+Operations endpoints (`/health/live`, `/health/ready`, `/metrics`) run on a
+pool of their own (`WEB_OPS_THREADS`):
 with Postgres down and more requests in flight than request threads, liveness
 queued behind them took 9.7 s; on its own threads it answers in milliseconds
 whatever the request pool is doing.
 
 Streamed responses. A body held whole costs its size in RAM per concurrent
-request: a 256 MiB firmware download would cost 256 MiB, twice over while it
-was joined. So an iterator body goes from the pool thread to the event loop a
-chunk at a time, the thread waiting until the server has taken each chunk
-(`run_coroutine_threadsafe(...).result()`; uvicorn's `send` waits while the
-socket's write buffer is past its high-water mark): the memory of a download is
-a chunk plus that buffer, whatever the file's size (a 50 MB download grew the
-serving process's peak RSS by 0.4 MB here, against 100+ MB buffered). Files
-(Django hands `FileResponse` to `wsgi.file_wrapper`) are read in blocks of
-`STREAM_BLOCK_BYTES`, not Django's 4 KiB, so a chunk costs one thread/loop round
-trip per 256 KiB. A client that goes away (an `http.disconnect` from `receive`,
-watched while streaming) stops the reading at the next chunk; the iterable's
-`close()` (Django's request_finished: the DB connection goes back to the pool)
-runs on the request's own thread in every case. The price: a download holds a
-request thread for as long as the client takes to read it.
+request, twice over while it is joined: a 50 MiB firmware download grew the
+serving process's peak RSS by 101 MiB. So an iterator body goes from the pool
+thread to the event loop a chunk at a time, the thread waiting until the server
+has taken each (`run_coroutine_threadsafe(...).result()`; uvicorn's `send` waits
+while the socket's write buffer is past its high-water mark): a download costs
+a chunk plus that buffer whatever its size (the same download: +1.0 MiB, in a
+third of the time). Files (Django hands `FileResponse` to `wsgi.file_wrapper`)
+are read in `STREAM_BLOCK_BYTES` blocks, not Django's 4 KiB: one thread/loop
+round trip per block, so 50 MiB cost 508 ms of CPU in 4 KiB blocks, 36 ms in
+64 KiB, 9 ms in 256 KiB, 5 ms in 1 MiB (in-process, the client side free). A
+client that goes away (`http.disconnect` from `receive`, watched while
+streaming) stops the reading at the next chunk; the iterable's `close()`
+(Django's request_finished: the DB connection goes back to the pool) runs on
+the request's own thread in every case. The price: a download holds a request
+thread, and its DB connection, until the client has read it all.
 
 WebSockets stay on Channels (see `iot.asgi`); only `http` scopes come here.
 """
 
 import asyncio
 import contextvars
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from tempfile import SpooledTemporaryFile
@@ -77,6 +80,10 @@ from django.conf import settings
 OPS_PATHS = frozenset(path + suffix for path in ("/health/live", "/health/ready", "/metrics") for suffix in ("", "/"))
 # One header name repeated this often is an attack or a broken client, never a real request.
 MAX_DUPLICATE_HEADERS = 100
+# Request bodies up to this size stay in memory; larger ones are spooled to a temporary file.
+BODY_SPOOL_MEMORY_BYTES = 64 * 1024
+# Blocks a streamed file is read in (wsgi.file_wrapper): one thread/loop round trip each.
+STREAM_BLOCK_BYTES = 256 * 1024
 _JSON = [(b"content-type", b"application/json")]
 _TOO_LARGE = b'{"detail": "Request body too large."}'
 _TOO_MANY_DUPLICATES = b'{"detail": "Too many duplicate headers."}'
@@ -86,8 +93,29 @@ class BadRequest(Exception):
     """The request cannot be expressed as a WSGI environ (answered 400)."""
 
 
-def wsgi_environ(scope: dict, body) -> dict:
-    """The PEP 3333 environ for an ASGI `http` scope, `body` being the buffered request body."""
+class FileWrapper:
+    """`wsgi.file_wrapper` (PEP 3333): a file streamed in `STREAM_BLOCK_BYTES` blocks.
+
+    Django passes `FileResponse`'s file here with its 4 KiB block size; a block is a
+    thread/loop round trip, so blocks are at least `STREAM_BLOCK_BYTES`. `close()` is
+    the file's, which Django has pointed at the response's close (request_finished).
+    """
+
+    def __init__(self, filelike, block_size: int = STREAM_BLOCK_BYTES) -> None:
+        self.filelike = filelike
+        self.block_size = max(block_size, STREAM_BLOCK_BYTES)
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self):
+        read, size = self.filelike.read, self.block_size
+        while block := read(size):
+            yield block
+
+
+def wsgi_environ(scope: dict, body, body_size: int = 0) -> dict:
+    """The PEP 3333 environ for an ASGI `http` scope, `body` being the buffered request body
+    (`body_size` bytes: the CONTENT_LENGTH of a chunked body, which has none of its own)."""
     root_path = scope.get("root_path", "")
     path = scope["path"]
     if root_path and path.startswith(root_path):
@@ -109,6 +137,7 @@ def wsgi_environ(scope: dict, body) -> dict:
         "wsgi.multithread": True,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
     }
     if scope.get("client"):
         environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = scope["client"][0], str(scope["client"][1])
@@ -122,6 +151,8 @@ def wsgi_environ(scope: dict, body) -> dict:
             raise BadRequest(name)
         values.append(raw_value.decode("latin-1"))
     environ.update((name, ",".join(values)) for name, values in headers.items())
+    if body_size and "CONTENT_LENGTH" not in headers:
+        environ["CONTENT_LENGTH"] = str(body_size)  # else Django reads a chunked body as empty
     return environ
 
 
@@ -133,10 +164,13 @@ class _Response:
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
         self.started = False
+        self.headers_sent = False  # only ever true for a streamed response
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info=None):
-        # Nothing reaches the client before the app returns, so an error page may always
-        # replace what was started; only a second call without exc_info is a bug in the app.
+        # Until the headers are sent an error page may replace what was started; only a second
+        # call without exc_info is a bug in the app, and one after they were sent re-raises.
+        if exc_info is not None and self.headers_sent:
+            raise exc_info[1].with_traceback(exc_info[2])
         if self.started and exc_info is None:
             raise RuntimeError("start_response called a second time without exc_info")
         self.started = True
@@ -145,21 +179,92 @@ class _Response:
         return self.chunks.append  # the legacy write() callable
 
 
-def _run(app, scope: dict, body) -> tuple[int, list, bytes]:
-    """Run the WSGI app to completion on this pool thread; hand back the whole response.
+class _StreamSender:
+    """Hands a streamed response's messages from the pool thread to the event loop, one step at a time.
 
-    One hop back to the event loop per request (the API sends small JSON bodies;
-    nothing here streams), and the app's `close()` (Django's request_finished:
-    the DB connection goes back to the pool) runs on the same thread as the request.
+    `send` (on the pool thread) returns once the server has taken the messages, so the thread
+    reads no further ahead than the client reads (backpressure), and returns False once the
+    client is gone: a task started with the first step waits for `http.disconnect`.
+    """
+
+    __slots__ = ("loop", "receive", "asgi_send", "gone")
+
+    def __init__(self, loop, receive, send) -> None:
+        self.loop, self.receive, self.asgi_send = loop, receive, send
+        self.gone: asyncio.Future | None = None
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
+    async def _send(self, messages: list[dict]) -> bool:
+        if self.gone is None:
+            self.gone = asyncio.ensure_future(self._watch())
+        for message in messages:
+            if self.gone.done():
+                return False
+            await self.asgi_send(message)
+        return not self.gone.done()
+
+    def send(self, *messages: dict) -> bool:
+        return asyncio.run_coroutine_threadsafe(self._send(list(messages)), self.loop).result()
+
+    def stop(self) -> None:
+        if self.gone is not None:
+            self.gone.cancel()
+
+
+def _body_message(body: bytes, more_body: bool) -> dict:
+    return {"type": "http.response.body", "body": body, "more_body": more_body}
+
+
+def _written(response: _Response) -> bytes:
+    """What the app passed to the legacy write() callable since last asked (PEP 3333; Django never calls it)."""
+    written = b"".join(response.chunks)
+    response.chunks.clear()
+    return written
+
+
+def _stream(response: _Response, result, sender: _StreamSender, *, head: bool) -> None:
+    """Send an iterator body chunk by chunk; stops at the first step the client is gone for."""
+    chunks = iter(result)
+    # PEP 3333: the headers go with the first non-empty chunk (a generator may call start_response late;
+    # a HEAD reads nothing unless it has to).
+    first = next((chunk for chunk in chunks if chunk), b"") if not head or not response.started else b""
+    first = _written(response) + first if response.chunks else first
+    response.headers_sent = True
+    more = bool(first) and not head
+    start = {"type": "http.response.start", "status": response.status, "headers": response.headers}
+    if not sender.send(start, _body_message(b"" if head else first, more)) or not more:
+        return
+    for chunk in chunks:
+        if response.chunks:
+            chunk = _written(response) + chunk
+        if chunk and not sender.send(_body_message(chunk, True)):
+            return
+    sender.send(_body_message(_written(response), False))
+
+
+def _run(app, scope: dict, body, body_size: int, sender: _StreamSender) -> tuple[int, list, bytes] | None:
+    """Run the WSGI app on this pool thread; hand back the whole response, or None once it streamed it.
+
+    A plain response (a list of chunks, Django's non-streaming `HttpResponse`) is one hop back
+    to the event loop; an iterator body is streamed from here through `sender`. Either way the
+    app's `close()` (Django's request_finished: the DB connection goes back to the pool) runs on
+    the same thread as the request, also when the client went away mid-stream.
     """
     try:
-        environ = wsgi_environ(scope, body)
+        environ = wsgi_environ(scope, body, body_size)
     except BadRequest:
         return 400, _JSON, _TOO_MANY_DUPLICATES
     response = _Response()
     result = app(environ, response.start_response)
     try:
-        response.chunks.extend(chunk for chunk in result if chunk)
+        if isinstance(result, (list, tuple)) or getattr(result, "streaming", None) is False:
+            response.chunks.extend(chunk for chunk in result if chunk)
+        else:
+            _stream(response, result, sender, head=scope["method"] == "HEAD")
+            return None
     finally:
         close = getattr(result, "close", None)
         if close is not None:
@@ -173,20 +278,42 @@ async def _reply(send, status: int, headers: list, body: bytes) -> None:
 
 
 class PooledWsgiBridge:
-    """ASGI `http` application running a WSGI app on `threads` threads (`ops_threads` for OPS_PATHS)."""
+    """ASGI `http` application running a WSGI app on `threads` threads (`ops_threads` for OPS_PATHS).
 
-    def __init__(self, wsgi_application, *, threads: int, ops_threads: int, max_body_bytes: int):
+    Request bodies are limited to `max_body_bytes`, those to paths fully matching one of
+    `upload_path_patterns` (regular expressions) to `max_upload_body_bytes`.
+    """
+
+    def __init__(
+        self,
+        wsgi_application,
+        *,
+        threads: int,
+        ops_threads: int,
+        max_body_bytes: int,
+        max_upload_body_bytes: int = 0,
+        upload_path_patterns: list[str] | tuple[str, ...] = (),
+    ):
         self.app = wsgi_application
         self.max_body_bytes = max_body_bytes
+        self.max_upload_body_bytes = max_upload_body_bytes
+        self.upload_path = (
+            re.compile("|".join(f"(?:{pattern})" for pattern in upload_path_patterns)).fullmatch
+            if upload_path_patterns
+            else None
+        )
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="http")
         self.ops_executor = ThreadPoolExecutor(ops_threads, thread_name_prefix="http-ops")
 
     async def __call__(self, scope, receive, send):
+        limit = self.max_body_bytes
+        if self.upload_path is not None and self.upload_path(scope["path"]):
+            limit = self.max_upload_body_bytes
         declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             await _reply(send, 413, _JSON, _TOO_LARGE)
             return
-        with SpooledTemporaryFile(max_size=65536) as body:
+        with SpooledTemporaryFile(max_size=BODY_SPOOL_MEMORY_BYTES) as body:
             # Read the body here so a chunked body (no Content-Length) is bounded too.
             received = 0
             while True:
@@ -195,7 +322,7 @@ class PooledWsgiBridge:
                     return  # the client went away before sending its body
                 chunk = message.get("body", b"")
                 received += len(chunk)
-                if received > self.max_body_bytes:
+                if received > limit:
                     await _reply(send, 413, _JSON, _TOO_LARGE)
                     return
                 body.write(chunk)
@@ -203,12 +330,16 @@ class PooledWsgiBridge:
                     break
             body.seek(0)
             executor = self.ops_executor if scope["path"] in OPS_PATHS else self.executor
+            loop = asyncio.get_running_loop()
+            sender = _StreamSender(loop, receive, send)
             # A copy of this request's context, as any ASGI-to-sync hop gives the code it runs.
             run = contextvars.copy_context().run
-            status, headers, content = await asyncio.get_running_loop().run_in_executor(
-                executor, run, _run, self.app, scope, body
-            )
-        await _reply(send, status, headers, content)
+            try:
+                reply = await loop.run_in_executor(executor, run, _run, self.app, scope, body, received, sender)
+            finally:
+                sender.stop()
+        if reply is not None:
+            await _reply(send, *reply)
 
 
 def pooled_http_application(wsgi_application):
@@ -217,4 +348,6 @@ def pooled_http_application(wsgi_application):
         threads=settings.WEB_THREADS,
         ops_threads=settings.WEB_OPS_THREADS,
         max_body_bytes=settings.MAX_REQUEST_BODY_BYTES,
+        max_upload_body_bytes=settings.MAX_UPLOAD_BODY_BYTES,
+        upload_path_patterns=settings.UPLOAD_PATH_PATTERNS,
     )

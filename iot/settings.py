@@ -411,11 +411,34 @@ STORAGES = {
 # A device that reports no result this long after its last sign of life (the dispatch, its last report, or
 # the end of its maintenance window) counts as silent: the update fails and is rolled back.
 FIRMWARE_DEVICE_TIMEOUT_SECONDS = env.float("FIRMWARE_DEVICE_TIMEOUT_SECONDS", default=600.0)
-# Larger artifact uploads are refused (413) as soon as they pass it. An HTTP upload is also bounded by
-# MAX_REQUEST_BODY_BYTES (the whole request, checked first): raise both for large images.
+# Larger artifact uploads are refused (413) as soon as they pass it. The whole HTTP request is bounded
+# first by MAX_UPLOAD_BODY_BYTES (below), which follows this limit unless set.
 FIRMWARE_ARTIFACT_MAX_BYTES = env.int("FIRMWARE_ARTIFACT_MAX_BYTES", default=256 * 1024 * 1024)
 if FIRMWARE_DEVICE_TIMEOUT_SECONDS <= 0 or FIRMWARE_ARTIFACT_MAX_BYTES <= 0:
     raise ImproperlyConfigured("FIRMWARE_DEVICE_TIMEOUT_SECONDS and FIRMWARE_ARTIFACT_MAX_BYTES must be positive.")
+# Serving (iot/asgi_bridge.py), here because it follows the artifact limit: request bodies to paths fully
+# matching one of UPLOAD_PATH_PATTERNS (regular expressions; default: the artifact upload) may be this large
+# instead of MAX_REQUEST_BODY_BYTES. They are spooled to a temporary file past 64 KiB, never held in RAM.
+# Default: the artifact limit plus 64 KiB for the multipart envelope.
+MAX_UPLOAD_BODY_BYTES = env.int("MAX_UPLOAD_BODY_BYTES", default=FIRMWARE_ARTIFACT_MAX_BYTES + 64 * 1024)
+UPLOAD_PATH_PATTERNS = env.list("UPLOAD_PATH_PATTERNS", default=[r"/firmware/versions/[^/]+/artifact/?"])
+if MAX_UPLOAD_BODY_BYTES <= 0:
+    raise ImproperlyConfigured("MAX_UPLOAD_BODY_BYTES must be positive.")
+
+# --- Staged firmware rollouts (firmware/rollouts.py) ---
+# How often Celery beat advances every rollout with work left (besides the advance queued when one of its
+# updates ends): a stage passes, or a stop's cancellations go on, at most this late if such a task was lost.
+FIRMWARE_ROLLOUT_ADVANCE_INTERVAL_SECONDS = env.float("FIRMWARE_ROLLOUT_ADVANCE_INTERVAL_SECONDS", default=5.0)
+# Updates a rollout creates per transaction (the rollout row is locked meanwhile); a stage of 100 000
+# devices is that many short transactions, not one long one.
+FIRMWARE_ROLLOUT_BATCH_SIZE = env.int("FIRMWARE_ROLLOUT_BATCH_SIZE", default=200)
+if FIRMWARE_ROLLOUT_ADVANCE_INTERVAL_SECONDS <= 0 or FIRMWARE_ROLLOUT_BATCH_SIZE <= 0:
+    raise ImproperlyConfigured("FIRMWARE_ROLLOUT_ADVANCE_INTERVAL_SECONDS and _BATCH_SIZE must be positive.")
+CELERY_BEAT_SCHEDULE["firmware-rollouts-advance"] = {
+    "task": "firmware.tasks.rollouts_advance",
+    "schedule": FIRMWARE_ROLLOUT_ADVANCE_INTERVAL_SECONDS,
+    "options": {"expires": FIRMWARE_ROLLOUT_ADVANCE_INTERVAL_SECONDS},
+}
 
 # --- Device liveness (devices/tasks.py) ---
 # An `active` device not seen (no accepted telemetry) for this long becomes `inactive`, and `active` again

@@ -18,7 +18,8 @@ from analytics.dashboard import INGESTION_MINUTES, TIME_RANGES
 from devices.models import Device
 from devices.testing import device_create, devices_bulk_create
 from firmware.models import FirmwareUpdate
-from firmware.testing import release_create
+from firmware.rollouts import firmware_rollout_advance, firmware_rollout_pause, firmware_rollout_start
+from firmware.testing import release_create, rollout_advance_capture
 from iot.testing.factories import user_create
 from iot.testing.redis import redis_round_trips
 from telemetry import events
@@ -183,10 +184,32 @@ def test_dashboard_costs_the_same_for_10_and_1000_devices(redis_namespace, djang
     fleet(990)
     large = {path: _costs(client, path) for path in (DASHBOARD_JSON, DASHBOARD_FRAGMENT, "/admin/")}
     assert small == large
-    # 7 reads of the dashboard plus the session and the user.
-    with django_assert_max_num_queries(9):
+    # 8 reads of the dashboard plus the session and the user.
+    with django_assert_max_num_queries(10):
         client.get(DASHBOARD_JSON)
     assert large[DASHBOARD_JSON][1] <= 3  # 2 Redis round trips for the figures (+ the session cache, if any)
+
+
+def test_running_and_paused_rollouts_fill_the_rollouts_panel(redis_namespace):
+    release = release_create(content=b"firmware")
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    for device in devices_bulk_create(count=4, group_id=group, status="active"):
+        update_create(device, release, "failed")  # not the rollout's: not counted in it
+    with rollout_advance_capture():
+        rollout = firmware_rollout_start(to_version=release.version, group_id=group, stages=[50, 100])
+        firmware_rollout_advance(rollout_id=rollout.pk)  # 2 updates created
+        FirmwareUpdate.objects.filter(rollout_id=rollout.pk).update(status="failed")
+        paused = firmware_rollout_start(to_version=release.version, name="paused one", group_id=group)
+        firmware_rollout_pause(rollout_id=paused.pk)
+    client = admin_client(superuser=True)
+    data = client.get(DASHBOARD_JSON).json()
+    rows = [
+        (r["name"], r["status"], r["devices_total"], r["devices_done"], r["devices_failed"]) for r in data["rollouts"]
+    ]
+    assert rows == [("paused one", "paused", 4, 0, 0), (rollout.name, "running", 4, 2, 2)]
+    html = client.get(DASHBOARD_FRAGMENT).content.decode()
+    assert f'data-rollout="{rollout.pk}"' in html and "No staged rollouts" not in html
+    assert f"/admin/firmware/firmwarerollout/{paused.pk}/change/" in html and 'aria-valuenow="50"' in html
 
 
 def test_anonymous_is_sent_to_the_admin_login():

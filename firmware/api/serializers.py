@@ -6,11 +6,28 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from devices.api.serializers import VERSION_LABEL, VERSION_LABEL_ERRORS, VERSION_LABEL_RULE
-from firmware.models import ACTIVE_STATUSES, UpdateStatus
+from firmware.models import ACTIVE_STATUSES, RolloutStatus, UpdateStatus
 from firmware.models.releases import CHECKSUM_MAX_LENGTH, VERSION_MAX_LENGTH
+from firmware.models.rollouts import ROLLOUT_NAME_MAX_LENGTH
 from firmware.models.updates import REASON_MAX_LENGTH
+from firmware.rollouts import (
+    DEFAULT_ERROR_MIN_FINISHED,
+    DEFAULT_ERROR_THRESHOLD,
+    DEFAULT_STAGES,
+    DEFAULT_SUCCESS_THRESHOLD,
+    MAX_STAGES,
+    TARGET_DEVICE_STATUSES,
+    rollout_stages_problem,
+)
+from firmware.selectors import RolloutCounts, rollout_counts
 from firmware.services import REPORT_STATUSES
-from iot.api.serializers import JSON_NUMBER_MAX, StrictCharField, StrictInputSerializer, StrictRegexField
+from iot.api.serializers import (
+    JSON_NUMBER_MAX,
+    StrictCharField,
+    StrictFloatField,
+    StrictInputSerializer,
+    StrictRegexField,
+)
 
 RELEASE_NOTES_MAX_LENGTH = 20_000
 CANCEL_REASON_MAX_LENGTH = 500
@@ -80,6 +97,18 @@ class UpdateStatusField(serializers.ChoiceField):
 class ReportStatusField(serializers.ChoiceField):
     def __init__(self, **kwargs):
         super().__init__(choices=REPORT_STATUSES, **kwargs)
+
+
+@extend_schema_field(_one_of(RolloutStatus.values))
+class RolloutStatusField(serializers.ChoiceField):
+    def __init__(self, **kwargs):
+        super().__init__(choices=RolloutStatus.choices, **kwargs)
+
+
+@extend_schema_field(_one_of(TARGET_DEVICE_STATUSES))
+class TargetDeviceStatusField(serializers.ChoiceField):
+    def __init__(self, **kwargs):
+        super().__init__(choices=TARGET_DEVICE_STATUSES, **kwargs)
 
 
 def _version_field(**kwargs):
@@ -198,6 +227,7 @@ class UpdateCreateSerializer(StrictInputSerializer):
 
 class UpdateListQuerySerializer(StrictInputSerializer):
     device_id = StrictUUIDField(required=False, help_text="Only this device's updates.")
+    rollout_id = StrictUUIDField(required=False, help_text="Only the updates of this rollout.")
     status = UpdateStatusField(required=False)
     active = serializers.ChoiceField(
         choices=["true", "false"], required=False, help_text="Only active (or only finished) updates."
@@ -295,6 +325,7 @@ class UpdateSerializer(serializers.Serializer):
     dispatched_at = serializers.DateTimeField(read_only=True, allow_null=True)
     cancelled_at = serializers.DateTimeField(read_only=True, allow_null=True)
     superseded_by = serializers.UUIDField(read_only=True, allow_null=True)
+    rollout_id = serializers.UUIDField(read_only=True, allow_null=True, help_text="The rollout that started it.")
     maintenance_window = serializers.SerializerMethodField()
     install_allowed = serializers.SerializerMethodField()
     device_report = serializers.SerializerMethodField()
@@ -354,3 +385,227 @@ class DeviceUpdateSerializer(serializers.Serializer):
         if update.maintenance_window_start is None:
             return None
         return MaintenanceWindowSerializer(update).data
+
+
+# --- Rollouts ------------------------------------------------------------------------------------
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"type": "number", "minimum": 0, "maximum": 100, "description": "Above 0, at most 100."},
+        "minItems": 1,
+        "maxItems": MAX_STAGES,
+    }
+)
+class StagesField(serializers.Field):
+    """Cumulative percentages of the targets, strictly increasing, the last 100; one flat list of messages."""
+
+    def to_internal_value(self, data):
+        problem = rollout_stages_problem(data)
+        if problem is not None:
+            raise serializers.ValidationError(problem)
+        return [float(percent) for percent in data]
+
+    def to_representation(self, value):
+        return value
+
+
+class RolloutCreateSerializer(StrictInputSerializer):
+    """A staged rollout of a release: which devices, in which stages, when to go on and when to stop.
+
+    Targets are the devices (not decommissioned, not on `to_version` already) matching every filter given;
+    with none, the whole fleet.
+    """
+
+    to_version = _version_field(help_text="The release to roll out (its artifact must be uploaded).")
+    name = StrictCharField(max_length=ROLLOUT_NAME_MAX_LENGTH, required=False, help_text="Default: from the target.")
+    group_id = StrictCharField(max_length=128, required=False, help_text="Only the devices of this group.")
+    device_type = StrictCharField(max_length=64, required=False, help_text="Only the devices of this type.")
+    from_version = _version_field(required=False, help_text="Only the devices running this firmware version.")
+    device_status = TargetDeviceStatusField(required=False, help_text="Only the devices in this status.")
+    stages = StagesField(
+        required=False,
+        help_text=f"Cumulative percentages of the targets (default {list(DEFAULT_STAGES)}): a stage starts "
+        "when the one before reached the success threshold.",
+    )
+    success_threshold = StrictFloatField(
+        min_value=0,
+        max_value=1,
+        required=False,
+        default=DEFAULT_SUCCESS_THRESHOLD,
+        help_text="Fraction of a stage's updates that must end installed before the next stage starts.",
+    )
+    error_threshold = StrictFloatField(
+        min_value=0,
+        max_value=1,
+        required=False,
+        default=DEFAULT_ERROR_THRESHOLD,
+        help_text="The rollout stops (updates in flight rolled back) when more than this fraction of its finished "
+        "updates failed.",
+    )
+    error_min_finished = StrictIntegerField(
+        min_value=1,
+        max_value=JSON_NUMBER_MAX,
+        required=False,
+        default=DEFAULT_ERROR_MIN_FINISHED,
+        help_text="Finished updates needed before the error threshold counts (with fewer targets than this it "
+        "never does; the stages' success threshold still applies).",
+    )
+    maintenance_window = MaintenanceWindowField(
+        required=False,
+        allow_null=True,
+        help_text="Passed to every update: devices download at any time but install only inside it.",
+    )
+
+
+class RolloutListQuerySerializer(StrictInputSerializer):
+    status = RolloutStatusField(required=False)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, help_text="Page size (default 100).")
+    cursor = serializers.CharField(required=False, help_text="From a page's `next`/`previous` link, unchanged.")
+
+
+class RolloutCancelSerializer(StrictInputSerializer):
+    """Optionally, why (recorded as the rollout's `stop_reason` and its cancelled updates' error)."""
+
+    reason = StrictCharField(max_length=CANCEL_REASON_MAX_LENGTH, required=False)
+
+
+class RolloutEmptySerializer(StrictInputSerializer):
+    """No fields (an empty object, or no body)."""
+
+
+class RolloutCountsSerializer(serializers.Serializer):
+    """Targets by where they are: not started yet, their update's status, or skipped (the device had another
+    active update, or was gone, when its stage came)."""
+
+    not_started = serializers.IntegerField()
+    pending = serializers.IntegerField()
+    downloading = serializers.IntegerField()
+    downloaded = serializers.IntegerField()
+    installing = serializers.IntegerField()
+    installed = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    rolled_back = serializers.IntegerField()
+    skipped = serializers.IntegerField()
+
+    def to_representation(self, counts: RolloutCounts):
+        return counts.as_dict()
+
+
+def _progress_fields(counts: RolloutCounts) -> dict:
+    return {
+        "targets": counts.targets,
+        "counts": counts.as_dict(),
+        "success_rate": counts.success_rate,
+        "failure_rate": counts.failure_rate,
+    }
+
+
+class RolloutStageSerializer(serializers.Serializer):
+    stage = serializers.IntegerField(help_text="1 for the first stage.")
+    percent = serializers.FloatField(help_text="Cumulative share of the targets.")
+    state = serializers.CharField(help_text="waiting (not started), running, or passed.")
+    targets = serializers.IntegerField()
+    counts = RolloutCountsSerializer()
+    success_rate = serializers.FloatField(
+        allow_null=True, help_text="installed / updates (rolled-back left out): compared with success_threshold."
+    )
+    failure_rate = serializers.FloatField(allow_null=True, help_text="failed / (installed + failed).")
+    started_at = serializers.DateTimeField(allow_null=True)
+    passed_at = serializers.DateTimeField(allow_null=True)
+
+    def to_representation(self, stage):
+        return {
+            "stage": stage.index + 1,
+            "percent": stage.percent,
+            "state": stage.state,
+            **_progress_fields(stage.counts),
+            "started_at": serializers.DateTimeField().to_representation(stage.started_at) if stage.started_at else None,
+            "passed_at": serializers.DateTimeField().to_representation(stage.passed_at) if stage.passed_at else None,
+        }
+
+
+class RolloutProgressSerializer(serializers.Serializer):
+    """Where the rollout's targets are; `per_stage` in a single rollout's answer only."""
+
+    targets = serializers.IntegerField()
+    counts = RolloutCountsSerializer()
+    success_rate = serializers.FloatField(
+        allow_null=True, help_text="installed / updates, rolled-back ones left out (null before any update)."
+    )
+    failure_rate = serializers.FloatField(
+        allow_null=True, help_text="failed / (installed + failed): compared with error_threshold."
+    )
+    per_stage = RolloutStageSerializer(many=True, required=False)
+
+
+class RolloutTargetSerializer(serializers.Serializer):
+    group_id = serializers.CharField(allow_null=True)
+    device_type = serializers.CharField(allow_null=True)
+    from_version = serializers.CharField(allow_null=True)
+    device_status = serializers.CharField(allow_null=True)
+
+
+class RolloutWindowSerializer(serializers.Serializer):
+    start = serializers.DateTimeField(source="maintenance_window_start")
+    end = serializers.DateTimeField(source="maintenance_window_end")
+    duration_seconds = serializers.SerializerMethodField()
+
+    def get_duration_seconds(self, rollout) -> int:
+        return round((rollout.maintenance_window_end - rollout.maintenance_window_start).total_seconds())
+
+
+class RolloutSerializer(serializers.Serializer):
+    """A staged rollout and its progress (`context["progress"]`: with `per_stage`; else the list's counts)."""
+
+    id = serializers.UUIDField(read_only=True)
+    name = serializers.CharField(read_only=True)
+    to_version = serializers.CharField(read_only=True)
+    status = RolloutStatusField(
+        read_only=True,
+        help_text="running, paused, completed, stopped (error threshold, a stage that could not pass, its window "
+        "closed) or cancelled.",
+    )
+    stop_reason = serializers.CharField(read_only=True)
+    target = serializers.SerializerMethodField()
+    stages = serializers.SerializerMethodField()
+    current_stage = serializers.SerializerMethodField()
+    success_threshold = serializers.FloatField(read_only=True)
+    error_threshold = serializers.FloatField(read_only=True)
+    error_min_finished = serializers.IntegerField(read_only=True)
+    maintenance_window = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True)
+    finished_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    settled_at = serializers.DateTimeField(
+        read_only=True, allow_null=True, help_text="When it had ended and none of its updates was in flight any more."
+    )
+    progress = serializers.SerializerMethodField()
+
+    @extend_schema_field(RolloutTargetSerializer)
+    def get_target(self, rollout):
+        return RolloutTargetSerializer(rollout).data
+
+    def get_stages(self, rollout) -> list[float]:
+        return [stage.percent for stage in sorted(rollout.stages.all(), key=lambda stage: stage.index)]
+
+    def get_current_stage(self, rollout) -> int:
+        """1 for the first stage."""
+        return rollout.current_stage + 1
+
+    @extend_schema_field(RolloutWindowSerializer(allow_null=True))
+    def get_maintenance_window(self, rollout):
+        if rollout.maintenance_window_start is None:
+            return None
+        return RolloutWindowSerializer(rollout).data
+
+    @extend_schema_field(RolloutProgressSerializer)
+    def get_progress(self, rollout):
+        progress = self.context.get("progress")
+        if progress is None:
+            return _progress_fields(rollout_counts(rollout))
+        return {
+            **_progress_fields(progress.counts),
+            "per_stage": [RolloutStageSerializer(stage).data for stage in progress.stages],
+        }

@@ -1,17 +1,20 @@
-"""Firmware HTTP API: releases and artifacts, updates (operators), and the device-facing side.
+"""Firmware HTTP API: releases and artifacts, updates and staged rollouts (operators), and the
+device-facing side.
 
 Operators (`Token`): register releases, upload artifacts, start, list, read and cancel
-updates. Devices (`Device <token>`): poll their pending update (`GET /firmware/device/update`),
-download its artifact, report progress and the result (`POST /firmware/updates/{id}/report`),
-read their own updates.
+updates; start, list, read, pause, resume and cancel staged rollouts. Devices
+(`Device <token>`): poll their pending update (`GET /firmware/device/update`), download its
+artifact, report progress and the result (`POST /firmware/updates/{id}/report`), read their
+own updates.
 
 Status codes: `400` bad input (nothing stored); `403` a device on an operator endpoint, on
-another device's update, or downloading a release it was not offered; `404` unknown release
-or update (a malformed id or version names nothing either); `409` a duplicate version, a
-second artifact, an active update when `force` is not set, a transition the update's state
-does not allow (cancelling a finished update, a report on a finished, cancelled or
-withdrawn update, installing outside the maintenance window); `413` an artifact past
-`FIRMWARE_ARTIFACT_MAX_BYTES`; `422` an update naming an unknown device or version.
+another device's update, or downloading a release it was not offered; `404` unknown release,
+update or rollout (a malformed id or version names nothing either); `409` a duplicate version, a
+second artifact, an active update when `force` is not set, a transition the update's or
+rollout's state does not allow (cancelling a finished update, a report on a finished, cancelled
+or withdrawn update, installing outside the maintenance window, resuming a stopped rollout);
+`413` an artifact past `FIRMWARE_ARTIFACT_MAX_BYTES`; `422` an update or rollout naming an
+unknown device or version, a rollout whose release has no artifact or whose target is empty.
 """
 
 import uuid
@@ -28,13 +31,18 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from firmware import selectors, services
+from firmware import rollouts, selectors, services
 from firmware.api.serializers import (
     ArtifactUploadSerializer,
     DeviceUpdateSerializer,
     ReleaseListQuerySerializer,
     ReleaseRegisterSerializer,
     ReleaseSerializer,
+    RolloutCancelSerializer,
+    RolloutCreateSerializer,
+    RolloutEmptySerializer,
+    RolloutListQuerySerializer,
+    RolloutSerializer,
     UpdateCancelSerializer,
     UpdateCreateSerializer,
     UpdateDetailSerializer,
@@ -57,6 +65,8 @@ VERSION = OpenApiParameter(
     description="The release's version label.",
 )
 UPDATE_ID = OpenApiParameter("update_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The update's id.")
+ROLLOUT_NOT_FOUND = "No rollout with this id (a malformed id names none either)."
+ROLLOUT_ID = OpenApiParameter("rollout_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The rollout's id.")
 
 
 def _parse_update_id(raw: str) -> uuid.UUID:
@@ -97,6 +107,10 @@ class RegisteredOrderPagination(LimitCursorPagination):
 
 class StartedOrderPagination(LimitCursorPagination):
     ordering = ("-started_at", "-id")
+
+
+class CreatedOrderPagination(LimitCursorPagination):
+    ordering = ("-created_at", "-id")
 
 
 # --- Releases ------------------------------------------------------------------------------------
@@ -257,13 +271,14 @@ class UpdateListCreateView(GenericAPIView):
         parameters=[UpdateListQuerySerializer],
         responses={200: UpdateSerializer(many=True), **error_responses({400: f"{BAD_QUERY} Or a bad cursor."})},
         description="Updates, newest first, a page at a time (`next` is an opaque cursor); "
-        "filter by device, status, or active/finished.",
+        "filter by device, rollout, status, or active/finished.",
     )
     def get(self, request):
         query = _query(UpdateListQuerySerializer, request)
         active = query.get("active")
         updates = selectors.update_list(
             device_id=query.get("device_id"),
+            rollout_id=query.get("rollout_id"),
             status=query.get("status"),
             active=None if active is None else active == "true",
         )
@@ -399,3 +414,132 @@ class DeviceUpdateView(APIView):
             return Response(status=status.HTTP_204_NO_CONTENT)
         url = request.build_absolute_uri(reverse("firmware-artifact", kwargs={"version": update.to_version}))
         return Response(DeviceUpdateSerializer(update, context={"artifact_url": url}).data)
+
+
+# --- Rollouts ------------------------------------------------------------------------------------
+
+
+def _rollout_response(rollout_id: uuid.UUID, *, code: int = status.HTTP_200_OK) -> Response:
+    rollout = selectors.rollout_get(rollout_id=rollout_id)
+    if rollout is None:
+        raise NotFound(ROLLOUT_NOT_FOUND)
+    progress = selectors.rollout_progress(rollout=rollout)
+    return Response(RolloutSerializer(rollout, context={"progress": progress}).data, status=code)
+
+
+def _parse_rollout_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError as exc:
+        raise NotFound(ROLLOUT_NOT_FOUND) from exc
+
+
+ROLLOUT_TRANSITION_ERRORS = {
+    400: MALFORMED_BODY,
+    404: ROLLOUT_NOT_FOUND,
+    409: "The rollout's status does not allow it (`code: invalid_transition`, `status`).",
+    415: UNSUPPORTED_MEDIA,
+}
+
+
+class RolloutListCreateView(GenericAPIView):
+    serializer_class = RolloutSerializer
+    pagination_class = CreatedOrderPagination
+
+    @extend_schema(
+        parameters=[RolloutListQuerySerializer],
+        responses={200: RolloutSerializer(many=True), **error_responses({400: f"{BAD_QUERY} Or a bad cursor."})},
+        description="Rollouts, newest first, a page at a time (`next` is an opaque cursor), each with its counts "
+        "(`progress` without `per_stage`: read one rollout for that).",
+    )
+    def get(self, request):
+        query = _query(RolloutListQuerySerializer, request)
+        page = self.paginate_queryset(selectors.rollout_list(status=query.get("status")))
+        return self.get_paginated_response(RolloutSerializer(page, many=True).data)
+
+    @extend_schema(
+        request=RolloutCreateSerializer,
+        responses={
+            201: RolloutSerializer,
+            **error_responses(
+                {
+                    400: f"{MALFORMED_BODY} Or stages that are not increasing percentages ending with 100, or a "
+                    "threshold outside 0..1 (under the field's name).",
+                    415: UNSUPPORTED_MEDIA,
+                    422: "No release `to_version`, or it has no artifact yet; or no device matches the target "
+                    "(`code: no_targets`).",
+                }
+            ),
+        },
+        description="Start a staged rollout. The target devices are resolved now, once, and put in a fixed random "
+        "order; stage k's updates are created when stage k-1 reached `success_threshold`. More than "
+        "`error_threshold` of the finished updates failed (once `error_min_finished` have finished): the rollout "
+        "stops and its updates in flight are rolled back. A device with another active update when its stage "
+        "comes is skipped (`counts.skipped`), never forced.",
+    )
+    def post(self, request):
+        fields = _body(RolloutCreateSerializer, request)
+        window = fields.pop("maintenance_window", None)
+        rollout = rollouts.firmware_rollout_start(
+            **fields,
+            maintenance_window=services.MaintenanceWindow(**window) if window else None,
+            requested_by=request.user,
+        )
+        return _rollout_response(rollout.pk, code=status.HTTP_201_CREATED)
+
+
+class RolloutDetailView(APIView):
+    @extend_schema(
+        parameters=[ROLLOUT_ID],
+        responses={200: RolloutSerializer, **error_responses({404: ROLLOUT_NOT_FOUND})},
+        description="A rollout with its progress: targets by status overall and per stage, success and failure rates.",
+    )
+    def get(self, request, rollout_id: str):
+        return _rollout_response(_parse_rollout_id(rollout_id))
+
+
+class RolloutPauseView(APIView):
+    @extend_schema(
+        parameters=[ROLLOUT_ID],
+        request=RolloutEmptySerializer,
+        responses={200: RolloutSerializer, **error_responses(ROLLOUT_TRANSITION_ERRORS)},
+        description="Pause a running rollout: no new update is created; those in flight go on (and may still "
+        "trip the error threshold). Pausing a paused rollout changes nothing.",
+    )
+    def post(self, request, rollout_id: str):
+        parsed = _parse_rollout_id(rollout_id)
+        _body(RolloutEmptySerializer, request)
+        rollouts.firmware_rollout_pause(rollout_id=parsed)
+        return _rollout_response(parsed)
+
+
+class RolloutResumeView(APIView):
+    @extend_schema(
+        parameters=[ROLLOUT_ID],
+        request=RolloutEmptySerializer,
+        responses={200: RolloutSerializer, **error_responses(ROLLOUT_TRANSITION_ERRORS)},
+        description="Resume a paused rollout where it stopped. Resuming a running rollout changes nothing.",
+    )
+    def post(self, request, rollout_id: str):
+        parsed = _parse_rollout_id(rollout_id)
+        _body(RolloutEmptySerializer, request)
+        rollouts.firmware_rollout_resume(rollout_id=parsed)
+        return _rollout_response(parsed)
+
+
+class RolloutCancelView(APIView):
+    @extend_schema(
+        parameters=[ROLLOUT_ID],
+        request=RolloutCancelSerializer,
+        responses={200: RolloutSerializer, **error_responses(ROLLOUT_TRANSITION_ERRORS)},
+        description="Cancel a running or paused rollout: no new update, and every update in flight is cancelled "
+        "and rolled back (the answer may still count them in flight while that runs). Cancelling a cancelled "
+        "rollout changes nothing; a completed or stopped one is 409.",
+    )
+    def post(self, request, rollout_id: str):
+        parsed = _parse_rollout_id(rollout_id)
+        fields = _body(RolloutCancelSerializer, request)
+        rollouts.firmware_rollout_cancel(
+            rollout_id=parsed, reason=fields.get("reason") or f"cancelled by {request.user}"
+        )
+        return _rollout_response(parsed)

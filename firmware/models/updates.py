@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from devices.models import Device
 from firmware.models.releases import VERSION_MAX_LENGTH, FirmwareRelease
+from firmware.models.rollouts import FirmwareRollout
 
 REASON_MAX_LENGTH = 1000
 
@@ -59,6 +60,8 @@ class FirmwareUpdate(models.Model):
     when a compensation takes it back), `device_result` / `reported_version` / `device_reason`
     (its final report, recorded once), `last_report_at` (silence is measured from here).
     `maintenance_window_*`: the device may download at any time but install only inside it.
+    `rollout` / `rollout_stage`: the staged rollout (and its stage) that created the update, if any;
+    at most one update per (rollout, device), a partial unique index.
 
     The device foreign key cascades in Postgres (migration 0001): a device's raw `DELETE`
     (`devices.services.device_bulk_delete`) takes its updates; a saga whose update is gone
@@ -88,6 +91,10 @@ class FirmwareUpdate(models.Model):
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
+    rollout = models.ForeignKey(
+        FirmwareRollout, on_delete=models.PROTECT, null=True, blank=True, related_name="updates", editable=False
+    )
+    rollout_stage = models.PositiveSmallIntegerField(null=True, blank=True, editable=False)
     started_at = models.DateTimeField(default=timezone.now, editable=False)
     completed_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(default=timezone.now, editable=False)
@@ -112,11 +119,22 @@ class FirmwareUpdate(models.Model):
                 condition=Q(device_result__isnull=True) | Q(device_result__in=DeviceResult.values),
                 name="firmware_update_device_result_known",
             ),
+            models.UniqueConstraint(
+                fields=["rollout", "device"],
+                condition=Q(rollout__isnull=False),
+                name="firmware_update_one_per_rollout_device",
+            ),
         ]
         indexes = [
             models.Index(fields=["-started_at", "-id"], name="firmware_update_started"),
             models.Index(fields=["device", "-started_at"], name="firmware_update_device"),
             models.Index(fields=["status", "-started_at"], name="firmware_update_status"),
+            # A rollout's progress: counts by (stage, status), an index-only scan of the rollout's updates.
+            models.Index(
+                fields=["rollout", "rollout_stage", "status"],
+                condition=Q(rollout__isnull=False),
+                name="firmware_update_rollout",
+            ),
         ]
 
     def __str__(self) -> str:

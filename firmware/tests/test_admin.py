@@ -1,16 +1,20 @@
 """The admin: releases registered and artifacts uploaded through the services, updates read-only with their saga's
-step log, and cancelled by an action that calls the service."""
+step log, and cancelled by an action that calls the service; rollouts with their progress and stages, paused,
+resumed and cancelled by actions that call the services."""
 
 import hashlib
+import re
 import uuid
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from devices.testing import device_create
-from firmware.models import FirmwareRelease, FirmwareUpdate
+from devices.models import DeviceStatus
+from devices.testing import device_create, devices_bulk_create
+from firmware.models import FirmwareRelease, FirmwareRollout, FirmwareUpdate
+from firmware.rollouts import firmware_rollout_advance, firmware_rollout_start
 from firmware.services import firmware_update_start
-from firmware.testing import artifact_bytes, new_version, release_create, sha256_checksum
+from firmware.testing import artifact_bytes, new_version, release_create, rollout_advance_capture, sha256_checksum
 from iot.saga.testing import saga_drive, saga_queue_capture
 
 pytestmark = pytest.mark.django_db
@@ -94,3 +98,45 @@ def test_a_release_in_use_is_not_deleted(admin_client):
     )
     assert response.status_code == 200
     assert FirmwareRelease.objects.filter(pk=release.pk).exists()
+
+
+def test_rollouts_show_progress_and_stages_and_are_paused_resumed_cancelled_by_actions(
+    admin_client, redis_namespace, django_assert_max_num_queries
+):
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    devices_bulk_create(count=10, group_id=group, status=DeviceStatus.ACTIVE)
+    release = release_create(content=b"image")
+    with rollout_advance_capture():
+        rollout = firmware_rollout_start(to_version=release.version, group_id=group, stages=[20, 100])
+        firmware_rollout_advance(rollout_id=rollout.pk)
+        for index in range(3):  # more rollouts: the list's queries don't grow with them
+            other = f"{group}-{index}"
+            devices_bulk_create(count=2, group_id=other, status=DeviceStatus.ACTIVE)
+            firmware_rollout_start(to_version=release.version, group_id=other)
+    with django_assert_max_num_queries(12):
+        listing = admin_client.get("/admin/firmware/firmwarerollout/")
+    assert listing.status_code == 200
+    html = listing.content.decode()
+    assert 'role="progressbar"' in html and "0 of 10 targets: 2 in flight" in html and "1 of 2 (20%)" in html
+    page = admin_client.get(f"/admin/firmware/firmwarerollout/{rollout.pk}/change/")
+    assert page.status_code == 200
+    stages = re.findall(
+        r"<tr><td>(\d)</td><td>(\d+)%</td><td>(\w+)</td><td>(\d+)</td><td>(\d+)</td>", page.content.decode()
+    )
+    assert stages == [("1", "20", "running", "2", "2"), ("2", "100", "waiting", "8", "0")]
+    assert admin_client.get("/admin/firmware/firmwarerollout/add/").status_code == 403
+
+    def act(action: str):
+        with rollout_advance_capture():
+            return admin_client.post(
+                "/admin/firmware/firmwarerollout/",
+                {"action": action, "_selected_action": [str(rollout.pk)]},
+                follow=True,
+            )
+
+    assert b"1 rollout(s) paused" in act("pause").content
+    assert FirmwareRollout.objects.get(pk=rollout.pk).status == "paused"
+    assert b"1 rollout(s) resumed" in act("resume").content
+    assert b"1 rollout(s) cancelled" in act("cancel").content
+    assert FirmwareRollout.objects.get(pk=rollout.pk).status == "cancelled"
+    assert b"1 not resumed: The rollout is cancelled" in act("resume").content

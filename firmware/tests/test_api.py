@@ -33,6 +33,7 @@ UPDATE_FIELDS = {
     "dispatched_at",
     "cancelled_at",
     "superseded_by",
+    "rollout_id",
     "maintenance_window",
     "install_allowed",
     "device_report",

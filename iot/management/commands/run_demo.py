@@ -123,7 +123,8 @@ class Command(BaseCommand):
 
     def _rollout(self, api: httpx.Client) -> None:
         try:
-            if _all(api, "/firmware/rollouts"):
+            if any(rollout["to_version"] == RELEASE for rollout in _all(api, "/firmware/rollouts")):
+                self.stdout.write(f"demo: a rollout of {RELEASE} was started before")
                 return
             body = {
                 "to_version": RELEASE,

@@ -1,4 +1,3 @@
-import math
 from datetime import timedelta
 
 from django.utils import timezone
@@ -23,10 +22,14 @@ from firmware.selectors import RolloutCounts, rollout_counts
 from firmware.services import REPORT_STATUSES
 from iot.api.serializers import (
     JSON_NUMBER_MAX,
+    StrictBooleanField,
     StrictCharField,
+    StrictDateTimeField,
     StrictFloatField,
     StrictInputSerializer,
+    StrictIntegerField,
     StrictRegexField,
+    StrictUUIDField,
 )
 
 RELEASE_NOTES_MAX_LENGTH = 20_000
@@ -34,51 +37,6 @@ CANCEL_REASON_MAX_LENGTH = 500
 # A maintenance window may open up to a year ahead and last up to 30 days.
 WINDOW_MAX_AHEAD = timedelta(days=366)
 WINDOW_MAX_SECONDS = 30 * 24 * 3600
-
-
-# Strict scalars: DRF's own coerce ("5" is 5, 1 is true, 123 a UUID), which would store a client's
-# type error as some other value.
-class StrictIntegerField(serializers.IntegerField):
-    default_error_messages = {"not_integer": "Must be an integer (a JSON number without a fraction)."}
-
-    def to_internal_value(self, data):
-        if isinstance(data, bool) or not isinstance(data, int | float):
-            self.fail("not_integer")
-        if isinstance(data, float) and (not math.isfinite(data) or not data.is_integer()):
-            self.fail("not_integer")
-        return super().to_internal_value(int(data))
-
-
-class StrictBooleanField(serializers.BooleanField):
-    default_error_messages = {"not_boolean": "Must be true or false."}
-
-    def to_internal_value(self, data):
-        if not isinstance(data, bool):
-            self.fail("not_boolean")
-        return data
-
-
-class StrictUUIDField(serializers.UUIDField):
-    default_error_messages = {"invalid": "Must be a UUID string."}
-
-    def to_internal_value(self, data):
-        if not isinstance(data, str) or len(data) > 45:
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class StrictDateTimeField(serializers.DateTimeField):
-    """An ISO 8601 string (a timestamp without an offset is UTC); not a number, never a 500."""
-
-    default_error_messages = {"not_datetime": "Must be an ISO 8601 date-time string, e.g. 2026-01-01T12:00:00Z."}
-
-    def to_internal_value(self, value):
-        if not isinstance(value, str) or len(value) > 64 or "\x00" in value:
-            self.fail("not_datetime")
-        try:
-            return super().to_internal_value(value)
-        except (OverflowError, TypeError):  # an offset that moves it out of datetime's range
-            self.fail("not_datetime")
 
 
 def _one_of(values) -> dict:

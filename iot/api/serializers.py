@@ -133,14 +133,16 @@ class StrictRegexField(StrictCharField, serializers.RegexField):
 # Strict scalars: DRF's own coerce ("5" is 5, 1 is true, 123 a UUID, "yes" true), which would store a
 # client's type error as some other value.
 class StrictIntegerField(serializers.IntegerField):
-    default_error_messages = {"not_integer": "Must be an integer (a JSON number without a fraction)."}
+    """A JSON integer: written without a fraction or an exponent (`100`, not `100.0` nor `1e2`), which is
+    also what the schema's `integer` promises; a float that happens to be whole (`7.09e16`) could have lost
+    digits on the client's side already."""
+
+    default_error_messages = {"not_integer": "Must be an integer (a JSON number without a fraction or exponent)."}
 
     def to_internal_value(self, data):
-        if isinstance(data, bool) or not isinstance(data, int | float):
+        if isinstance(data, bool) or not isinstance(data, int):
             self.fail("not_integer")
-        if isinstance(data, float) and (not math.isfinite(data) or not data.is_integer()):
-            self.fail("not_integer")
-        return super().to_internal_value(int(data))
+        return super().to_internal_value(data)
 
 
 class StrictFloatField(serializers.FloatField):

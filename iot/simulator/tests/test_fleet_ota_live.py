@@ -20,7 +20,14 @@ from iot.testing.processes import http_client, wait_until
 pytestmark = pytest.mark.live
 
 DEVICES = 20
-ENV = {**UNLIMITED, "FIRMWARE_DEVICE_TIMEOUT_SECONDS": "4", "SAGA_SWEEP_INTERVAL_SECONDS": "1"}
+# A short lease: a step task lost on a loaded machine (a publish that failed after commit) is queued again
+# by the sweeper within seconds, not the production minute.
+ENV = {
+    **UNLIMITED,
+    "FIRMWARE_DEVICE_TIMEOUT_SECONDS": "4",
+    "SAGA_SWEEP_INTERVAL_SECONDS": "1",
+    "SAGA_LEASE_SECONDS": "5",
+}
 ENDED = ("installed", "failed", "rolled_back")
 
 

@@ -162,6 +162,20 @@ class ReleaseDetailView(APIView):
         return Response(ReleaseSerializer(_release(version)).data)
 
 
+ARTIFACT_UPLOAD_RESPONSES = {
+    201: ReleaseSerializer,
+    **error_responses(
+        {
+            400: "No `file` field, or a body that is not multipart/form-data.",
+            404: RELEASE_NOT_FOUND,
+            409: "The release already has its artifact (`code: artifact_exists`).",
+            413: "The artifact is larger than the limit (`code: artifact_too_large`, `max_bytes`).",
+            415: "The body is not multipart/form-data.",
+        }
+    ),
+}
+
+
 class ArtifactView(APIView):
     """The release's artifact: uploaded by operators, downloaded by operators and by the devices it is offered to."""
 
@@ -213,18 +227,7 @@ class ArtifactView(APIView):
     @extend_schema(
         parameters=[VERSION],
         request={"multipart/form-data": ArtifactUploadSerializer},
-        responses={
-            201: ReleaseSerializer,
-            **error_responses(
-                {
-                    400: "No `file` field, or a body that is not multipart/form-data.",
-                    404: RELEASE_NOT_FOUND,
-                    409: "The release already has its artifact (`code: artifact_exists`).",
-                    413: "The artifact is larger than the limit (`code: artifact_too_large`, `max_bytes`).",
-                    415: "The body is not multipart/form-data.",
-                }
-            ),
-        },
+        responses=ARTIFACT_UPLOAD_RESPONSES,
         description="Upload the release's artifact (multipart field `file`), once. The server computes its "
         "SHA-256 and size while it streams in; updates check them against the release's checksum.",
     )
@@ -237,18 +240,7 @@ class ArtifactView(APIView):
     @extend_schema(
         parameters=[VERSION],
         request={"multipart/form-data": ArtifactUploadSerializer},
-        responses={
-            201: ReleaseSerializer,
-            **error_responses(
-                {
-                    400: "No `file` field, or a body that is not multipart/form-data.",
-                    404: RELEASE_NOT_FOUND,
-                    409: "The release already has its artifact (`code: artifact_exists`).",
-                    413: "The artifact is larger than the limit (`code: artifact_too_large`, `max_bytes`).",
-                    415: "The body is not multipart/form-data.",
-                }
-            ),
-        },
+        responses=ARTIFACT_UPLOAD_RESPONSES,
         description="The same as PUT.",
     )
     def post(self, request, version: str):

@@ -12,11 +12,12 @@ evaluation loop needs and nothing else:
 """
 
 from iot.cache import CacheLookup, versioned_cache_get_many, versioned_cache_invalidate_with_commit
-from iot.redis import redis_key
+from iot.redis import redis_tagged_key
 
 
 def rules_cache_key(scope: str) -> str:
-    return redis_key("cache", "alert-rules", scope)
+    # One Redis Cluster hash tag for all scopes, so a device's two are still one script call there.
+    return redis_tagged_key("cache:alert-rules", scope)
 
 
 def rules_cache_get_many(*, keys: list[str]) -> list[CacheLookup]:

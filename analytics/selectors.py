@@ -7,7 +7,7 @@ Every figure is real and each endpoint costs the same number of round trips for 
 | --- | --- | --- |
 | devices by status, average uptime | `devices.selectors.device_fleet_summary` | 1 aggregate query |
 | messages (exact), latency | `telemetry.selectors.telemetry_*_message_*` | 1 query + 1 Redis round trip |
-| messages per second | `telemetry.selectors.telemetry_messages_per_second` | 1 Redis MGET |
+| messages per second | `telemetry.selectors.telemetry_messages_per_second` | 1 Redis round trip |
 | active alerts | `alerts.selectors.alert_active_count` | 1 count query |
 | pending updates | `firmware.selectors.firmware_update_active_count` | 1 count query |
 | errors (refused submissions) | `telemetry.selectors.telemetry_device_error_count` | 1 Redis round trip |

@@ -9,8 +9,13 @@ from uuid import UUID
 import orjson
 
 from devices.models import Device
-from iot.cache import versioned_cache_invalidate_many_with_commit, versioned_cache_invalidate_with_commit
-from iot.redis import redis_key
+from iot.cache import (
+    versioned_cache_invalidate,
+    versioned_cache_invalidate_call,
+    versioned_cache_invalidate_many_with_commit,
+    versioned_cache_invalidate_with_commit,
+)
+from iot.redis import ScriptCall, redis_key
 
 # The credential hash never leaves Postgres.
 _CACHED_FIELDS = [f for f in Device._meta.concrete_fields if f.attname != "token_hash"]
@@ -41,6 +46,18 @@ def device_from_cache(payload: bytes) -> Device:
 def device_cache_invalidate(*, device_id: UUID | str, version: int) -> None:
     """Tombstone the cached device now and, if inside a transaction, again after commit."""
     versioned_cache_invalidate_with_commit(key=device_cache_key(device_id), version=version)
+
+
+def device_cache_invalidate_now(*, device_id: UUID | str, version: int) -> None:
+    """Only the tombstone now: for a writer that sends the after-commit one itself
+    (`device_cache_invalidate_call`)."""
+    versioned_cache_invalidate(key=device_cache_key(device_id), version=version)
+
+
+def device_cache_invalidate_call(*, device_id: UUID | str, version: int) -> ScriptCall:
+    """The tombstone of `device_cache_invalidate` as a script call, for a writer that sends its
+    after-commit tombstone together with other Redis writes (one round trip)."""
+    return versioned_cache_invalidate_call(key=device_cache_key(device_id), version=version)
 
 
 def device_cache_invalidate_many(*, versions: Iterable[tuple[UUID | str, int]]) -> None:

@@ -18,10 +18,17 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from devices.cache import device_cache_invalidate, device_cache_invalidate_many, device_token_cache_key
+from devices.cache import (
+    device_cache_invalidate,
+    device_cache_invalidate_call,
+    device_cache_invalidate_many,
+    device_cache_invalidate_now,
+    device_token_cache_key,
+)
 from devices.models import Device, DeviceStatus
+from devices.sql import MARK_SEEN_DUE_SQL, MARK_SEEN_SET_SQL
 from iot.errors import ServiceError
-from iot.redis import get_redis
+from iot.redis import ScriptCall, get_redis
 
 
 class DeviceNotFound(ServiceError, Device.DoesNotExist):
@@ -192,22 +199,11 @@ def device_delete(*, device_id: uuid.UUID) -> None:
         raise DeviceNotFound(device_id)
 
 
-# Telemetry touches `last_seen` at most this often per device, so a device
-# streaming many points a second costs one row update (and one cache refill) a second.
-LAST_SEEN_RESOLUTION_MS = 1000
-
-# The statuses a device leaves for `active` when its telemetry arrives; SQL literals made from the enum.
-_WAKING_STATUSES = ", ".join(f"'{status.value}'" for status in (DeviceStatus.REGISTERED, DeviceStatus.INACTIVE))
-
 _MARK_SEEN_SQL = f"""
 UPDATE devices_device
-SET last_seen = now(),
-    status = CASE WHEN status IN ({_WAKING_STATUSES}) THEN '{DeviceStatus.ACTIVE.value}' ELSE status END,
-    version = version + 1
+SET {MARK_SEEN_SET_SQL}
 WHERE id = ANY(%s)
-  AND (last_seen IS NULL
-       OR last_seen < now() - interval '{LAST_SEEN_RESOLUTION_MS} milliseconds'
-       OR status IN ({_WAKING_STATUSES}))
+  AND {MARK_SEEN_DUE_SQL}
 RETURNING id, version
 """
 
@@ -216,7 +212,9 @@ def device_mark_seen(*, device_ids: list[uuid.UUID]) -> int:
     """Telemetry arrived: bump `last_seen` and make a new/inactive device `active`.
 
     One UPDATE of just those columns (never a read-modify-write of the row, so a
-    concurrent PATCH is never overwritten). Returns how many rows changed.
+    concurrent PATCH is never overwritten), at most once every `LAST_SEEN_RESOLUTION_MS`
+    per device. Returns how many rows changed. Telemetry's ingestion runs the same UPDATE
+    inside its insert statement instead (`devices.sql.device_mark_seen_sql`).
     """
     with connection.cursor() as cursor:
         cursor.execute(_MARK_SEEN_SQL, [list(device_ids)])
@@ -224,6 +222,21 @@ def device_mark_seen(*, device_ids: list[uuid.UUID]) -> int:
     for device_id, version in rows:
         device_cache_invalidate(device_id=device_id, version=version)
     return len(rows)
+
+
+def device_seen_changed(*, device_id: uuid.UUID, version: int) -> ScriptCall:
+    """The mark-seen UPDATE changed the device's row, now at `version`: tombstone its cache entry
+    now (inside the transaction, so the write fails rather than commits if Redis can't be told),
+    and return the after-commit tombstone, which the caller MUST send once its transaction has
+    committed (as `device_mark_seen` does through `device_cache_invalidate`).
+
+    For a statement that embeds `devices.sql.device_mark_seen_sql`; only a returned version (the
+    row really changed) needs it: an UPDATE that matched nothing changed nothing cached. The
+    after-commit call is handed back so that it can travel with the caller's own after-commit
+    Redis write (telemetry's publish: one round trip for both, `iot.redis.redis_script_calls`).
+    """
+    device_cache_invalidate_now(device_id=device_id, version=version)
+    return device_cache_invalidate_call(device_id=device_id, version=version)
 
 
 _STATUS_TRANSITION_SQL = """

@@ -36,6 +36,40 @@ def device_live_sql(*, device_id: uuid.UUID) -> tuple[str, list]:
     return _LIVE_DEVICE_SQL, [device_id, DeviceStatus.DECOMMISSIONED.value]
 
 
+# Telemetry touches `last_seen` at most this often per device, so a device
+# streaming many points a second costs one row update (and one cache refill) a second.
+LAST_SEEN_RESOLUTION_MS = 1000
+
+_LAST_SEEN = _quote(Device._meta.get_field("last_seen").column)
+_VERSION = _quote(Device._meta.get_field("version").column)
+# The statuses a device leaves for `active` when its telemetry arrives; SQL literals made from the enum.
+_WAKING_STATUSES = ", ".join(f"'{status.value}'" for status in (DeviceStatus.REGISTERED, DeviceStatus.INACTIVE))
+# What telemetry arriving does to a device row, and when it is due: `last_seen` more than
+# LAST_SEEN_RESOLUTION_MS old (or never set), or a status that telemetry wakes up.
+MARK_SEEN_SET_SQL = f"""{_LAST_SEEN} = now(),
+    {_STATUS} = CASE WHEN {_STATUS} IN ({_WAKING_STATUSES}) THEN '{DeviceStatus.ACTIVE.value}' ELSE {_STATUS} END,
+    {_VERSION} = {_VERSION} + 1"""
+MARK_SEEN_DUE_SQL = f"""({_LAST_SEEN} IS NULL
+       OR {_LAST_SEEN} < now() - interval '{LAST_SEEN_RESOLUTION_MS} milliseconds'
+       OR {_STATUS} IN ({_WAKING_STATUSES}))"""
+
+
+def device_mark_seen_sql(*, device_id_sql: str) -> str:
+    """`devices.services.device_mark_seen`'s UPDATE for the one device whose id is the SQL
+    expression `device_id_sql` (no parameters of its own), `RETURNING version`: one row iff it
+    changed the row, i.e. bumped `last_seen` and/or woke the status.
+
+    For a data-modifying CTE of another app's statement (telemetry's insert), so the points and
+    the device's `last_seen` are written in one round trip. Whoever embeds it must then do what
+    `device_mark_seen` does with a returned version: `devices.services.device_seen_changed`.
+    A NULL `device_id_sql` (no such device) updates nothing.
+    """
+    return (
+        f"UPDATE {_TABLE} SET {MARK_SEEN_SET_SQL} WHERE {_ID} = {device_id_sql} AND {MARK_SEEN_DUE_SQL} "
+        f"RETURNING {_VERSION}"
+    )
+
+
 _IN_GROUP_SQL = f"(SELECT {_ID} FROM {_TABLE} WHERE {_GROUP} = %s)"
 
 

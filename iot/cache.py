@@ -36,6 +36,13 @@ event stream (append-only file), so a restart could bring back an entry whose
 tombstone was written after the last fsync, or a replica promoted by a failover
 may never have received it. Only entries and tombstones written by the running
 server count, and a fill whose miss was seen by an earlier server is refused.
+
+Under Redis Cluster the epoch is the `run_id` of the node that owns the key's slot,
+so the same holds per shard: a failover of one shard makes that shard's entries
+miss, and nothing else. The many-key calls (`versioned_cache_get_many`,
+`versioned_cache_invalidate_many`) send one script call per hash slot there
+(`iot.redis.redis_slot_groups`), since a script may only touch keys of one slot;
+keys that must go together are named under one hash tag (`alerts.cache`).
 """
 
 from collections.abc import Mapping
@@ -44,7 +51,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import connection, transaction
 
-from iot.redis import register_script
+from iot.redis import ScriptCall, redis_slot_groups, register_script
 
 # The running Redis server's identity (`run_id`, new at every start). Every entry and tombstone
 # carries the epoch it was written in, and only entries of the current epoch count: a server that
@@ -177,15 +184,19 @@ def versioned_cache_get(*, key: str) -> CacheLookup:
 
 
 def versioned_cache_get_many(*, keys: list[str]) -> list[CacheLookup]:
-    """`versioned_cache_get` for several keys in one round trip, in the order of `keys`."""
-    flat = _GET_MANY(keys=keys)
-    epoch = flat[-1]
-    return [
-        CacheLookup(payload=flat[2 * i + 1])
-        if flat[2 * i]
-        else CacheLookup(payload=None, read_started_ms=int(flat[2 * i + 1]), epoch=epoch)
-        for i in range(len(keys))
-    ]
+    """`versioned_cache_get` for several keys in one round trip (one per hash slot under Redis Cluster,
+    so name keys read together under one tag), in the order of `keys`."""
+    lookups: list[CacheLookup | None] = [None] * len(keys)
+    for group in redis_slot_groups(keys):
+        flat = _GET_MANY(keys=[keys[i] for i in group])
+        epoch = flat[-1]
+        for n, i in enumerate(group):
+            lookups[i] = (
+                CacheLookup(payload=flat[2 * n + 1])
+                if flat[2 * n]
+                else CacheLookup(payload=None, read_started_ms=int(flat[2 * n + 1]), epoch=epoch)
+            )
+    return lookups
 
 
 def versioned_cache_fill(*, key: str, version: int, payload: bytes, lookup: CacheLookup, ttl_seconds: int) -> bool:
@@ -210,6 +221,12 @@ def versioned_cache_invalidate(*, key: str, version: int) -> None:
     _INVALIDATE(keys=[key], args=[version, _tombstone_ttl_ms()])
 
 
+def versioned_cache_invalidate_call(*, key: str, version: int) -> ScriptCall:
+    """`versioned_cache_invalidate` as a call to send later, with other script calls in one round
+    trip (`iot.redis.redis_script_calls`)."""
+    return ScriptCall(script=_INVALIDATE, keys=[key], args=[version, _tombstone_ttl_ms()])
+
+
 def versioned_cache_invalidate_with_commit(*, key: str, version: int) -> None:
     """What a writer calls: tombstone now and, inside a transaction, again after commit.
 
@@ -229,7 +246,8 @@ INVALIDATE_MANY_CHUNK = 1000
 
 def versioned_cache_invalidate_many(*, versions: Mapping[str, int]) -> None:
     """`versioned_cache_invalidate` for many keys (key -> row version, never negative): one script
-    call, one round trip, per `INVALIDATE_MANY_CHUNK` keys.
+    call, one round trip, per `INVALIDATE_MANY_CHUNK` keys. Under Redis Cluster, one call per hash slot
+    instead: device keys are spread over the slots, so a sweep's 1000 tombstones cost up to 1000 calls there.
 
     For set-based writes (one UPDATE ... RETURNING of many rows), where a round trip per key cost
     more than the UPDATE. Each chunk is atomic; if a later chunk fails, the earlier keys stay
@@ -238,9 +256,10 @@ def versioned_cache_invalidate_many(*, versions: Mapping[str, int]) -> None:
     """
     items = list(versions.items())
     ttl_ms = _tombstone_ttl_ms()
-    for start in range(0, len(items), INVALIDATE_MANY_CHUNK):
-        chunk = items[start : start + INVALIDATE_MANY_CHUNK]
-        _INVALIDATE_MANY(keys=[key for key, _ in chunk], args=[ttl_ms, *(version for _, version in chunk)])
+    for group in redis_slot_groups([key for key, _ in items]):  # one group unless Redis Cluster
+        for start in range(0, len(group), INVALIDATE_MANY_CHUNK):
+            chunk = [items[i] for i in group[start : start + INVALIDATE_MANY_CHUNK]]
+            _INVALIDATE_MANY(keys=[key for key, _ in chunk], args=[ttl_ms, *(version for _, version in chunk)])
 
 
 def versioned_cache_invalidate_many_with_commit(*, versions: Mapping[str, int]) -> None:

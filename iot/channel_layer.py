@@ -24,6 +24,7 @@ within one block.
 import asyncio
 import inspect
 import threading
+from collections.abc import Sequence
 
 from channels.layers import get_channel_layer
 from channels_redis.core import RedisChannelLayer as BaseRedisChannelLayer
@@ -120,3 +121,25 @@ def channel_group_send(*, group: str, message: dict, timeout: float = GROUP_SEND
     if layer is None:
         return
     _layer_loop.run(layer.group_send(group, message), timeout=timeout)
+
+
+def channel_group_send_many(
+    *, sends: Sequence[tuple[str, dict]], timeout: float = GROUP_SEND_TIMEOUT_SECONDS
+) -> list[BaseException | None]:
+    """`channel_group_send` for many (group, message) pairs at once: one hop to the layer's loop,
+    the sends concurrent on it. Returns, per pair, None (sent) or the exception its send raised;
+    raises `TimeoutError` if they did not all finish in `timeout` (then none may be taken as sent).
+
+    For a consumer handling a batch of events: one wait for all its pushes, not one each.
+    """
+    layer = get_channel_layer()
+    if layer is None or not sends:
+        return [None] * len(sends)
+
+    async def send_all() -> list[BaseException | None]:
+        results = await asyncio.gather(
+            *(layer.group_send(group, message) for group, message in sends), return_exceptions=True
+        )
+        return [result if isinstance(result, BaseException) else None for result in results]
+
+    return _layer_loop.run(send_all(), timeout=timeout)

@@ -96,7 +96,7 @@ import redis
 from django.conf import settings
 
 from iot.metrics import register_shared_counter, register_shared_gauge
-from iot.redis import get_redis, redis_key, register_script
+from iot.redis import get_redis, redis_tagged_key, register_script
 
 logger = logging.getLogger(__name__)
 
@@ -261,20 +261,22 @@ def _validate_name(name: str) -> str:
     return name
 
 
+# One Redis Cluster hash tag for every breaker key: a transition takes a breaker's state, its probes,
+# the registry and the call counts in one script, and `breaker_states` reads many states in one call.
 def _state_key(name: str) -> str:
-    return redis_key("breaker", "state", name)
+    return redis_tagged_key("breaker", "state", name)
 
 
 def _probes_key(name: str) -> str:
-    return redis_key("breaker", "probes", name)
+    return redis_tagged_key("breaker", "probes", name)
 
 
 def _registry_key() -> str:
-    return redis_key("breaker", "registry")
+    return redis_tagged_key("breaker", "registry")
 
 
 def _calls_key() -> str:
-    return redis_key("breaker", "calls")
+    return redis_tagged_key("breaker", "calls")
 
 
 def _ms(seconds: float) -> int:

@@ -31,6 +31,10 @@ to the window, and the telemetry endpoint answers it with 422, not 429.
 Every key gets a PEXPIRE of the window (plus a second) on each write, so devices
 that go quiet leave nothing behind.
 
+The decision is a Lua function (`RATE_LIMIT_LUA`): `rate_limit_consume` runs it alone;
+telemetry's ingestion runs it inside `iot.admission`'s script, after the event queue's
+backpressure and room checks, so one round trip admits a request (issue 12).
+
 **A lost key is rebuilt from its partner.** Redis must run with
 `maxmemory-policy noeviction` (`/health/ready` reports anything else, see
 docs/ARCHITECTURE.md), but a `DEL`, a flush of one key or an evicting policy can
@@ -65,22 +69,17 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from iot.redis import redis_key, register_script
+from iot.event_queue import HASH_TAG
+from iot.redis import redis_tagged_key, register_script
 
-# KEYS: device log (ZSET), device total (string), global counter (hash {s, c})
-# ARGV: points, device limit, window seconds, global limit, request id, consume (1/0)
+# The decision as a Lua function, so that another script can take it together with its own checks
+# (`iot.admission` runs it after the event queue's backpressure and capacity checks, in one script).
+# rate_limit(log key (ZSET), total key (string), global key (hash {s, c}), points, device limit,
+#            window ms, global limit, request id, consume (boolean), now ms, now second)
 # Returns {allowed (1/0), remaining, retry_after_seconds, scope (0 none, 1 device, 2 global)}
-_CONSUME = register_script(
-    """
-local points = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local window_ms = tonumber(ARGV[3]) * 1000
-local global_limit = tonumber(ARGV[4])
-local consume = ARGV[6] == '1'
-
-local t = redis.call('TIME')
-local second = tonumber(t[1])
-local now = second * 1000 + math.floor(tonumber(t[2]) / 1000)
+RATE_LIMIT_LUA = """
+local function rate_limit(log_key, total_key, global_key, points, limit, window_ms, global_limit, request_id, consume,
+                          now, second)
 local function fmt(n) return string.format('%.0f', n) end
 local function entry_points(member) return tonumber(string.match(member, '^(%d+):')) end
 
@@ -88,27 +87,27 @@ local function entry_points(member) return tonumber(string.match(member, '^(%d+)
 -- different policy can take one of the pair and leave the other. Rebuild the missing one from
 -- the survivor, erring towards refusing: a device is never admitted past its limit.
 local cutoff = fmt(now - window_ms)
-local raw = redis.call('GET', KEYS[2])
+local raw = redis.call('GET', total_key)
 local stored = raw and tonumber(raw)  -- nil when missing (or not a number)
-local has_log = redis.call('EXISTS', KEYS[1]) == 1
+local has_log = redis.call('EXISTS', log_key) == 1
 if raw and not has_log then
   -- The log is gone, its total survives. The total's TTL was set by the last admitted request
   -- (window + 1 s), so that request's time is known and no point in the total is younger:
   -- one entry for the whole total at that time expires it no earlier than the lost log would have.
   if stored and stored > 0 then
-    local pttl = redis.call('PTTL', KEYS[2])
+    local pttl = redis.call('PTTL', total_key)
     local at = now
     if pttl > 0 then
       at = math.min(now, now - (window_ms + 1000 - pttl))
     else
       pttl = window_ms + 1000
-      redis.call('PEXPIRE', KEYS[2], fmt(pttl))
+      redis.call('PEXPIRE', total_key, fmt(pttl))
     end
-    redis.call('ZADD', KEYS[1], fmt(at), fmt(stored) .. ':rebuilt')
-    redis.call('PEXPIRE', KEYS[1], fmt(pttl))
+    redis.call('ZADD', log_key, fmt(at), fmt(stored) .. ':rebuilt')
+    redis.call('PEXPIRE', log_key, fmt(pttl))
     has_log = true
   else
-    redis.call('DEL', KEYS[2])
+    redis.call('DEL', total_key)
     stored = nil
   end
 end
@@ -118,31 +117,31 @@ local total = 0
 if has_log then
   if stored then
     total = stored
-    local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+    local expired = redis.call('ZRANGEBYSCORE', log_key, '-inf', cutoff)
     if #expired > 0 then
       for i = 1, #expired do total = total - entry_points(expired[i]) end
-      redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-      if redis.call('EXISTS', KEYS[1]) == 0 then total = 0 end
+      redis.call('ZREMRANGEBYSCORE', log_key, '-inf', cutoff)
+      if redis.call('EXISTS', log_key) == 0 then total = 0 end
       if total == 0 then
-        redis.call('DEL', KEYS[2])
+        redis.call('DEL', total_key)
       else
-        redis.call('SET', KEYS[2], total, 'KEEPTTL')
+        redis.call('SET', total_key, total, 'KEEPTTL')
       end
     end
   else
     -- The total is gone, its log survives: sum the log again (O(entries), only after such a loss).
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+    redis.call('ZREMRANGEBYSCORE', log_key, '-inf', cutoff)
     local start = 0
     while true do
-      local chunk = redis.call('ZRANGE', KEYS[1], start, start + 999)
+      local chunk = redis.call('ZRANGE', log_key, start, start + 999)
       for i = 1, #chunk do total = total + entry_points(chunk[i]) end
       if #chunk < 1000 then break end
       start = start + 1000
     end
     if total > 0 then
-      local pttl = redis.call('PTTL', KEYS[1])
+      local pttl = redis.call('PTTL', log_key)
       if pttl <= 0 then pttl = window_ms + 1000 end
-      redis.call('SET', KEYS[2], total, 'PX', fmt(pttl))
+      redis.call('SET', total_key, total, 'PX', fmt(pttl))
     end
   end
 end
@@ -160,7 +159,7 @@ if total + points > limit then
   local start = 0
   while freed < need do
     local size = math.min(need - freed, 100)
-    local chunk = redis.call('ZRANGE', KEYS[1], start, start + size - 1, 'WITHSCORES')
+    local chunk = redis.call('ZRANGE', log_key, start, start + size - 1, 'WITHSCORES')
     if #chunk == 0 then break end
     for i = 1, #chunk, 2 do
       freed = freed + entry_points(chunk[i])
@@ -175,7 +174,7 @@ if total + points > limit then
 end
 
 local used = 0
-local g = redis.call('HMGET', KEYS[3], 's', 'c')
+local g = redis.call('HMGET', global_key, 's', 'c')
 if g[1] and tonumber(g[1]) == second then used = tonumber(g[2]) end
 if used + points > global_limit then
   return {0, limit - total, 1, 2}
@@ -186,12 +185,31 @@ if not consume then
 end
 
 local ttl = fmt(window_ms + 1000)
-redis.call('ZADD', KEYS[1], fmt(now), ARGV[1] .. ':' .. ARGV[5])
-redis.call('SET', KEYS[2], total + points, 'PX', ttl)
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('HSET', KEYS[3], 's', second, 'c', used + points)
-redis.call('EXPIRE', KEYS[3], 2)
+redis.call('ZADD', log_key, fmt(now), fmt(points) .. ':' .. request_id)
+redis.call('SET', total_key, total + points, 'PX', ttl)
+redis.call('PEXPIRE', log_key, ttl)
+redis.call('HSET', global_key, 's', second, 'c', used + points)
+redis.call('EXPIRE', global_key, 2)
 return {1, limit - total - points, 0, 0}
+end
+"""
+
+# Redis' clock, as the Lua locals `now` (ms) and `second`, for scripts that call `rate_limit`.
+REDIS_NOW_LUA = """
+local t = redis.call('TIME')
+local second = tonumber(t[1])
+local now = second * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: device log (ZSET), device total (string), global counter (hash {s, c})
+# ARGV: points, device limit, window seconds, global limit, request id, consume (1/0)
+# Returns {allowed (1/0), remaining, retry_after_seconds, scope (0 none, 1 device, 2 global)}
+_CONSUME = register_script(
+    RATE_LIMIT_LUA
+    + REDIS_NOW_LUA
+    + """
+return rate_limit(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]) * 1000,
+                  tonumber(ARGV[4]), ARGV[5], ARGV[6] == '1', now, second)
 """
 )
 
@@ -209,34 +227,46 @@ class RateLimitDecision:
     scope: str  # "device" or "global": which limit refused it ("" when allowed)
 
 
-def _keys(device_id: str) -> list[str]:
+# The rate limiter's keys carry the event queue's hash tag: `iot.admission` takes a device's pair, the
+# global second and the queue's counters in ONE script, and Redis Cluster runs a script only on keys of
+# one slot. So the rate limits live on the event queue's node; an exact global limit needs one place
+# anyway, and that node's calls per request stay two (admission, publish), as they were before the
+# admission GET and the rate-limit script became one script (docs/SCALING.md).
+def rate_limit_keys(device_id: str) -> list[str]:
+    """KEYS of `rate_limit` in order: the device's log and total, the global second."""
     return [
-        redis_key("ratelimit", "device", device_id, "log"),
-        redis_key("ratelimit", "device", device_id, "total"),
-        redis_key("ratelimit", "global"),
+        redis_tagged_key(HASH_TAG, "ratelimit", "device", device_id, "log"),
+        redis_tagged_key(HASH_TAG, "ratelimit", "device", device_id, "total"),
+        redis_tagged_key(HASH_TAG, "ratelimit", "global"),
     ]
 
 
-def _decide(*, device_id: str, points: int, consume: bool) -> RateLimitDecision:
-    limit = settings.RATE_LIMIT_TELEMETRY_PER_DEVICE
-    allowed, remaining, retry_after, scope = _CONSUME(
-        keys=_keys(device_id),
-        args=[
-            points,
-            limit,
-            settings.RATE_LIMIT_WINDOW_SECONDS,
-            settings.RATE_LIMIT_GLOBAL_PER_SECOND,
-            uuid.uuid4().hex,
-            1 if consume else 0,
-        ],
-    )
+def rate_limit_args(*, points: int) -> list:
+    """The settings' part of `rate_limit`'s arguments: device limit, window seconds, global limit, request id."""
+    return [
+        points,
+        settings.RATE_LIMIT_TELEMETRY_PER_DEVICE,
+        settings.RATE_LIMIT_WINDOW_SECONDS,
+        settings.RATE_LIMIT_GLOBAL_PER_SECOND,
+        uuid.uuid4().hex,
+    ]
+
+
+def rate_limit_decision(raw: list) -> RateLimitDecision:
+    """`rate_limit`'s answer ({allowed, remaining, retry after, scope}) as a decision."""
+    allowed, remaining, retry_after, scope = raw
     return RateLimitDecision(
         allowed=bool(allowed),
-        limit=limit,
+        limit=settings.RATE_LIMIT_TELEMETRY_PER_DEVICE,
         remaining=max(int(remaining), 0),
         retry_after_seconds=int(retry_after),
         scope=_SCOPES[int(scope)],
     )
+
+
+def _decide(*, device_id: str, points: int, consume: bool) -> RateLimitDecision:
+    raw = _CONSUME(keys=rate_limit_keys(device_id), args=[*rate_limit_args(points=points), 1 if consume else 0])
+    return rate_limit_decision(raw)
 
 
 def rate_limit_consume(*, device_id: str, points: int) -> RateLimitDecision:

@@ -115,6 +115,15 @@ REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=5.0)
 # Every key the platform writes starts with this, so several deployments (or the
 # test suite) can share one Redis server without touching each other's keys.
 REDIS_KEY_PREFIX = env.str("REDIS_KEY_PREFIX", default="iot")
+if "{" in REDIS_KEY_PREFIX or "}" in REDIS_KEY_PREFIX:
+    # Redis Cluster hashes the first `{...}` of a key: braces in the prefix would override the hash tags
+    # that keep each script's keys in one slot (iot/redis.py).
+    raise ImproperlyConfigured("REDIS_KEY_PREFIX must not contain braces.")
+# REDIS_URL names a node of a Redis Cluster (docs/SCALING.md): the platform's own keys then go through
+# redis-py's cluster client. The Channels layer and the Celery broker need servers of their own then.
+REDIS_CLUSTER = env.bool("REDIS_CLUSTER", default=False)
+# The Channels layer's Redis (WebSocket fan-out between web processes): REDIS_URL unless set.
+CHANNEL_LAYER_REDIS_URL = env.str("CHANNEL_LAYER_REDIS_URL", default=REDIS_URL)
 
 CACHES = {
     "default": {
@@ -134,7 +143,7 @@ CHANNEL_LAYERS = {
         "CONFIG": {
             "hosts": [
                 {
-                    "address": REDIS_URL,
+                    "address": CHANNEL_LAYER_REDIS_URL,
                     "socket_timeout": REDIS_SOCKET_TIMEOUT,
                     "socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
                     "client_name": f"{REDIS_KEY_PREFIX}:channels",
@@ -146,13 +155,36 @@ CHANNEL_LAYERS = {
 }
 
 # --- Celery -------------------------------------------------------------------
+# Redis (the default) or RabbitMQ (`amqp://user:password@host:5672/vhost`): nothing else changes
+# (docs/SCALING.md, "Celery's broker").
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{REDIS_KEY_PREFIX}:celery:"}
+# The queue every task goes to: several deployments on one RabbitMQ vhost need one each (on Redis the
+# key prefix below already keeps them apart).
+CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_TASK_DEFAULT_QUEUE", default="celery")
+# RabbitMQ only: "quorum" makes that queue a replicated quorum queue (countdowns then wait in RabbitMQ's
+# delay queues instead of in a worker); "classic" otherwise (docs/SCALING.md).
+CELERY_TASK_DEFAULT_QUEUE_TYPE = env.str("CELERY_TASK_DEFAULT_QUEUE_TYPE", default="classic")
+if CELERY_TASK_DEFAULT_QUEUE_TYPE not in ("classic", "quorum"):
+    raise ImproperlyConfigured("CELERY_TASK_DEFAULT_QUEUE_TYPE must be classic or quorum.")
+# Celery's delayed delivery binds only to topic exchanges; a queue's type and its exchange's can't change
+# in place, so a switch to quorum takes a new CELERY_TASK_DEFAULT_QUEUE.
+CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic" if CELERY_TASK_DEFAULT_QUEUE_TYPE == "quorum" else "direct"
+if CELERY_BROKER_URL.split("://", 1)[0] in ("amqp", "amqps", "pyamqp"):
+    # Publisher confirms: `apply_async` returns once RabbitMQ has the message (as Redis' LPUSH reply does),
+    # not when it left this process.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{REDIS_KEY_PREFIX}:celery:"}
+if REDIS_CLUSTER and REDIS_URL in (CELERY_BROKER_URL, CHANNEL_LAYER_REDIS_URL):
+    raise ImproperlyConfigured(
+        "With REDIS_CLUSTER, set CELERY_BROKER_URL (RabbitMQ, or a Redis server outside the cluster) and "
+        "CHANNEL_LAYER_REDIS_URL (a Redis server outside the cluster): neither speaks Redis Cluster."
+    )
 CELERY_BEAT_SCHEDULE = {
     "idempotency-keys-cleanup": {
         "task": "iot.idempotency.tasks.idempotency_keys_cleanup",
@@ -167,6 +199,8 @@ WEB_THREADS = env.int("WEB_THREADS", default=16)
 # Liveness, readiness and metrics run on their own threads, so a saturated request pool
 # (e.g. every thread waiting on a dead database) never delays them.
 WEB_OPS_THREADS = env.int("WEB_OPS_THREADS", default=2)
+# Larger request bodies are refused (413) before a thread is taken; the upload paths have
+# MAX_UPLOAD_BODY_BYTES instead (firmware section below).
 MAX_REQUEST_BODY_BYTES = env.int("MAX_REQUEST_BODY_BYTES", default=4 * 1024 * 1024)
 if DATABASES["default"]["OPTIONS"]["pool"]["max_size"] < WEB_THREADS + WEB_OPS_THREADS:
     raise ImproperlyConfigured(
@@ -237,6 +271,9 @@ RATE_LIMIT_GLOBAL_PER_SECOND = env.int("RATE_LIMIT_GLOBAL_PER_SECOND", default=1
 EVENT_QUEUE_MAX_SIZE = env.int("EVENT_QUEUE_MAX_SIZE", default=10_000)
 BACKPRESSURE_QUEUE_THRESHOLD = env.int("BACKPRESSURE_QUEUE_THRESHOLD", default=8_000)
 BACKPRESSURE_REJECT_THRESHOLD = env.int("BACKPRESSURE_REJECT_THRESHOLD", default=9_500)
+# Room in the queue reserved at admission for a request's event is given back after this long if
+# the request never published it (its process died between admission and commit; iot/event_queue.py).
+EVENT_QUEUE_RESERVATION_TTL_SECONDS = env.float("EVENT_QUEUE_RESERVATION_TTL_SECONDS", default=30.0)
 # A consumer's unacknowledged entry idle this long is reclaimed by another consumer.
 EVENT_QUEUE_CLAIM_IDLE_MS = env.int("EVENT_QUEUE_CLAIM_IDLE_MS", default=30_000)
 # An entry delivered this many times without success goes to the dead-letter stream.

@@ -166,10 +166,13 @@ def telemetry_group_message_count(*, group_id: str) -> int:
 
 
 def telemetry_messages_per_second(*, window_seconds: int = 10) -> float:
-    """Average points per second received over the last `window_seconds` complete seconds (one MGET)."""
+    """Average points per second received over the last `window_seconds` complete seconds (one pipelined
+    round trip: the seconds of two minutes are in two Redis Cluster slots, which one MGET can't span)."""
     now = int(time.time())
-    keys = [messages_per_second_key(second) for second in range(now - window_seconds, now)]
-    return sum(int(value) for value in get_redis().mget(keys) if value is not None) / window_seconds
+    pipe = get_redis().pipeline(transaction=False)
+    for second in range(now - window_seconds, now):
+        pipe.get(messages_per_second_key(second))
+    return sum(int(value) for value in pipe.execute() if value is not None) / window_seconds
 
 
 def telemetry_device_error_count(*, device_id: uuid.UUID) -> int:

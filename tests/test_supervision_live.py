@@ -19,7 +19,7 @@ import redis
 from django.test import override_settings
 
 from iot import event_queue
-from iot.redis import get_redis, redis_key
+from iot.redis import get_redis, redis_key, redis_tagged_key
 from iot.testing.live import dedicated_platform, register_device
 from iot.testing.processes import wait_until
 from iot.testing.supervision import CELERY, CONSUMER, PointLoad, children_matching, is_running
@@ -57,7 +57,7 @@ def client(supervised, operator_token):
 def _group_consumers() -> set[str]:
     with override_settings(REDIS_KEY_PREFIX=PREFIX):
         try:
-            consumers = get_redis().xinfo_consumers(redis_key("events", "stream"), event_queue.GROUP)
+            consumers = get_redis().xinfo_consumers(redis_tagged_key("events", "stream"), event_queue.GROUP)
         except redis.ResponseError:  # no stream or group yet
             return set()
     return {consumer["name"].decode() for consumer in consumers}

@@ -8,6 +8,7 @@ windows and event queue are its own), on the same test database.
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,6 +54,44 @@ def dedicated_platform(
             yield running
         finally:
             running.stop()
+
+
+@contextmanager
+def dedicated_platforms(
+    django_db_blocker,
+    log_dir: Path,
+    *,
+    name: str,
+    env: dict[str, str],
+    count: int = 2,
+    set_env: list[dict[str, str]] | None = None,
+) -> Iterator[list[Platform]]:
+    """`count` independent server sets, each a web server (2 processes) and a worker of its own, on one
+    database and one Redis namespace: what `count` machines behind a load balancer run. `set_env[i]` goes
+    on top of `env` for set i (e.g. `WORKER_BEAT=0` on all but one). Started side by side; logs in
+    `log_dir/<name>/set-<i>/`; the namespace (`iottest-<name>` unless `env` names one) emptied before and after.
+    """
+    prefix = env.get("REDIS_KEY_PREFIX", f"iottest-{name}")
+    with redis_namespace(prefix):
+        with django_db_blocker.unblock():
+            base = platform_env(
+                database=database_url(connection.settings_dict), extra={**env, "REDIS_KEY_PREFIX": prefix}
+            )
+        sets = [Platform(env={**base, **(set_env[n] if set_env else {})}) for n in range(count)]
+
+        def start(n: int) -> None:
+            directory = log_dir / name / f"set-{n + 1}"
+            directory.mkdir(parents=True, exist_ok=True)
+            start_web(sets[n], workers=2, log_dir=directory)
+            start_worker(sets[n], log_dir=directory)
+
+        try:
+            with ThreadPoolExecutor(max_workers=count) as pool:
+                list(pool.map(start, range(count)))
+            yield sets
+        finally:
+            for running in sets:
+                running.stop()
 
 
 def register_device(client: httpx.Client, prefix: str = "SN-TEST", *, idempotency_key: str | None = None, **fields):

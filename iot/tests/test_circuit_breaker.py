@@ -25,7 +25,7 @@ from iot.circuit_breaker import (
     breaker_states,
 )
 from iot.metrics import metrics_view
-from iot.redis import get_redis, redis_key
+from iot.redis import get_redis, redis_key, redis_tagged_key
 from iot.testing.processes import REPO_ROOT, free_port
 
 T0 = 1_700_000_000_000  # an injected Redis time, ms
@@ -70,7 +70,7 @@ def trip(name: str, now: int = T0) -> None:
 
 
 def probes(name: str) -> set[str]:
-    return {m.decode() for m in get_redis().zrange(redis_key("breaker", "probes", name), 0, -1)}
+    return {m.decode() for m in get_redis().zrange(redis_tagged_key("breaker", "probes", name), 0, -1)}
 
 
 def test_closed_opens_after_threshold_consecutive_failures(name):
@@ -97,7 +97,7 @@ def test_open_refuses_until_the_timeout_then_half_opens(name):
     probe = permit(name, T0 + TIMEOUT_MS)
     # ... and the next acquire makes it so, as a probe.
     assert probe.probe_id and probes(name) == {probe.probe_id}
-    assert get_redis().hget(redis_key("breaker", "state", name), "s") == b"2"
+    assert get_redis().hget(redis_tagged_key("breaker", "state", name), "s") == b"2"
 
 
 def test_half_open_grants_at_most_max_probes(name):
@@ -186,7 +186,7 @@ def test_outcomes_from_an_earlier_closed_period_do_not_count(name):
     # Failures of calls issued before the breaker opened don't count in the new closed period.
     for p in in_flight:
         assert breaker_record(permit=p, success=False, now_ms=now + 1) == "closed"
-    assert get_redis().hget(redis_key("breaker", "state", name), "f") == b"0"
+    assert get_redis().hget(redis_tagged_key("breaker", "state", name), "f") == b"0"
 
 
 def test_states_are_read_in_one_round_trip(name, monkeypatch):
@@ -357,7 +357,7 @@ def test_metrics_expose_state_and_calls(name):
     breaker_forget(name=half)
     after = scrape()
     assert f'breaker="{half}"' not in after and f'breaker="{closed}"' in after
-    assert not get_redis().exists(redis_key("breaker", "state", half))
+    assert not get_redis().exists(redis_tagged_key("breaker", "state", half))
 
 
 def test_metrics_scrape_survives_redis_down(name, redis_down):

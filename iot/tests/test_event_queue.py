@@ -24,7 +24,7 @@ from iot.event_queue import (
     event_queue_reclaim,
 )
 from iot.metrics import metrics_view
-from iot.redis import get_redis, redis_key
+from iot.redis import get_redis, redis_key, redis_tagged_key
 from iot.testing.processes import REPO_ROOT, wait_until
 
 
@@ -39,11 +39,11 @@ def namespace(redis_namespace, settings):
 
 
 def stream() -> str:
-    return redis_key("events", "stream")
+    return redis_tagged_key("events", "stream")
 
 
 def dead() -> str:
-    return redis_key("events", "dead")
+    return redis_tagged_key("events", "dead")
 
 
 def record(n: int, **extra) -> dict:
@@ -198,7 +198,7 @@ def test_unparsable_payload_goes_to_dead_letters(payload):
     # A foreign producer wrote this entry directly (publish cannot produce it).
     client = get_redis()
     client.xadd(stream(), {"t": "test.record", "w": "2", "p": payload})
-    client.incrby(redis_key("events", "depth"), 2)
+    client.incrby(redis_tagged_key("events", "depth"), 2)
     report = event_queue_consume(consumer="c1", block_ms=100)
     assert report.dead_lettered == 1 and counter() == 0
     assert event_queue_depth() == 0 and client.xlen(dead()) == 1
@@ -379,7 +379,7 @@ def test_reconcile_corrects_a_drifted_depth():
     for n, weight in enumerate([3, 4, 5]):
         event_queue_publish(event_type="test.record", payload=record(n), weight=weight)
     read_without_ack("c1", count=1)  # one pending, two not yet delivered: all three count
-    depth_key = redis_key("events", "depth")
+    depth_key = redis_tagged_key("events", "depth")
     get_redis().incrby(depth_key, 40)  # drift, as an eviction or a lost write leaves it
     assert event_queue_depth() == 52
     report = event_queue.event_queue_reconcile()
@@ -396,12 +396,14 @@ def test_reconcile_task_runs_the_reconciliation():
     from iot.tasks import event_queue_reconciliation
 
     event_queue_publish(event_type="test.record", payload=record(1), weight=6)
-    get_redis().set(redis_key("events", "depth"), 9_999)  # every publish would be refused
+    get_redis().set(redis_tagged_key("events", "depth"), 9_999)  # every publish would be refused
     assert event_queue_reconciliation.apply().get() == {
         "checked": True,
         "depth_before": 9_999,
         "depth_after": 6,
         "requeued": 0,
+        "reserved_before": 0,
+        "reserved_after": 0,
     }
     event_queue_publish(event_type="test.record", payload=record(2), weight=6)
     assert event_queue_depth() == 12
@@ -430,7 +432,7 @@ def test_reconcile_leaves_a_long_stream_alone(settings):
     settings.EVENT_QUEUE_RECONCILE_MAX_ENTRIES = 5
     for n in range(6):
         event_queue_publish(event_type="test.record", payload=record(n))
-    get_redis().incrby(redis_key("events", "depth"), 3)
+    get_redis().incrby(redis_tagged_key("events", "depth"), 3)
     report = event_queue.event_queue_reconcile()
     assert (report.checked, report.depth_before, report.depth_after, report.stream_length) == (False, 9, 9, 6)
     assert event_queue_depth() == 9  # untouched: not checked

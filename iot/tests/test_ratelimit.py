@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from iot.ratelimit import rate_limit_consume, rate_limit_peek
+from iot.ratelimit import rate_limit_consume, rate_limit_keys, rate_limit_peek
 from iot.redis import get_redis, redis_key
 from iot.testing.processes import REPO_ROOT, wait_until
 
@@ -86,7 +86,7 @@ def test_concurrent_processes_admit_exactly_the_limit(namespace):
     assert allowed == 100
     peek = rate_limit_peek(device_id=device_id)
     assert not peek.allowed and peek.remaining == 0 and peek.scope == "device"
-    assert int(client.get(redis_key("ratelimit", "device", device_id, "total"))) == 100
+    assert int(client.get(rate_limit_keys(device_id)[1])) == 100
 
 
 def test_batch_consumes_its_number_of_points():
@@ -125,7 +125,7 @@ def test_peek_consumes_nothing():
         peek = rate_limit_peek(device_id=device_id)
         assert peek.allowed and peek.remaining == 70 and peek.retry_after_seconds == 0
     assert rate_limit_peek(device_id=device()).remaining == 100
-    assert not get_redis().exists(redis_key("ratelimit", "device", "never-seen", "log"))
+    assert not get_redis().exists(rate_limit_keys("never-seen")[0])
 
 
 def test_devices_are_isolated():
@@ -176,7 +176,7 @@ def test_global_refusal_consumes_no_device_quota(settings):
     settings.RATE_LIMIT_GLOBAL_PER_SECOND = 0  # every request is refused globally, whatever the second
     decision = rate_limit_consume(device_id=device_id, points=5)
     assert not decision.allowed and decision.scope == "global" and decision.retry_after_seconds == 1
-    assert not get_redis().exists(redis_key("ratelimit", "device", device_id, "log"))
+    assert not get_redis().exists(rate_limit_keys(device_id)[0])
     settings.RATE_LIMIT_GLOBAL_PER_SECOND = 10_000
     assert rate_limit_peek(device_id=device_id).remaining == 100
 
@@ -184,7 +184,7 @@ def test_global_refusal_consumes_no_device_quota(settings):
 def test_device_refusal_consumes_no_global_quota():
     device_id = device()
     assert rate_limit_consume(device_id=device_id, points=100).allowed
-    global_key = redis_key("ratelimit", "global")
+    global_key = rate_limit_keys("any")[2]
     before = get_redis().hgetall(global_key)
     assert not rate_limit_consume(device_id=device_id, points=3).allowed
     assert get_redis().hgetall(global_key) == before
@@ -223,8 +223,8 @@ def test_expired_entries_are_subtracted_exactly_at_scale(settings):
     with ThreadPoolExecutor(8) as pool:
         decisions = list(pool.map(lambda i: rate_limit_consume(device_id=device_id, points=1 + i % 3), range(3000)))
     assert all(d.allowed for d in decisions)
-    log_key = redis_key("ratelimit", "device", device_id, "log")
-    total_key = redis_key("ratelimit", "device", device_id, "total")
+    log_key = rate_limit_keys(device_id)[0]
+    total_key = rate_limit_keys(device_id)[1]
     assert client.zcard(log_key) == 3000
     assert int(client.get(total_key)) == sum(1 + i % 3 for i in range(3000))
     settings.RATE_LIMIT_WINDOW_SECONDS = 1  # shrink the window: every entry expires within a second
@@ -244,18 +244,19 @@ def test_keys_expire_on_their_own():
     rate_limit_consume(device_id=device_id, points=1)
     client = get_redis()
     for key in (
-        redis_key("ratelimit", "device", device_id, "log"),
-        redis_key("ratelimit", "device", device_id, "total"),
+        rate_limit_keys(device_id)[0],
+        rate_limit_keys(device_id)[1],
     ):
         assert 0 < client.pttl(key) <= 61_000
-    assert 0 < client.ttl(redis_key("ratelimit", "global")) <= 2
+    assert 0 < client.ttl(rate_limit_keys("any")[2]) <= 2
 
 
 # --- a lost key of a device's pair (DEL, or an evicting maxmemory-policy) -----------------------
 
 
 def _device_keys(device_id: str) -> tuple[str, str]:
-    return redis_key("ratelimit", "device", device_id, "log"), redis_key("ratelimit", "device", device_id, "total")
+    log_key, total_key, _ = rate_limit_keys(device_id)
+    return log_key, total_key
 
 
 def test_lost_total_is_recomputed_from_the_log(settings):

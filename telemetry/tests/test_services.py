@@ -15,6 +15,7 @@ from django.db import transaction
 from devices.models import Device
 from devices.services import device_update
 from devices.testing import device_create
+from iot import event_queue
 from iot.api.exceptions import api_exception_handler
 from iot.event_queue import Admission, EventQueueFull
 from iot.ratelimit import RateLimitDecision
@@ -126,14 +127,97 @@ def test_rate_limit_refusal_stores_nothing(device, published, settings, django_c
     assert len(published) == 1
 
 
-def test_backpressure_refusal_comes_first(device, published, monkeypatch):
-    from iot.event_queue import Admission
+def queue_depth_set(depth: int) -> None:
+    """The event queue's depth counter, as consumers lagging behind leave it."""
+    get_redis().set(event_queue.admission_keys()[0], depth)
 
-    monkeypatch.setattr(services, "event_queue_admission", lambda: Admission("critical", 9_600, 5))
+
+def test_backpressure_refusal_comes_first(device, published, redis_namespace, settings):
+    settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 1
+    queue_depth_set(settings.BACKPRESSURE_REJECT_THRESHOLD)
     with pytest.raises(services.TelemetryBackpressure) as refused:
         services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
-    assert refused.value.admission.state == "critical"
+    assert refused.value.admission.state == "critical" and refused.value.status_code == 503
     assert not TelemetryPoint.objects.filter(device_id=device.pk).exists()
+    # The refusal took nothing: the device's whole window (one point) is still there, and no room is held.
+    assert event_queue.event_queue_reserved() == 0
+    queue_depth_set(0)
+    services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admission_reserves_the_events_room_so_the_publish_after_commit_cannot_be_refused(
+    device, redis_namespace, settings
+):
+    """The queue's room is taken at admission: requests that would not fit are refused before storing,
+    and every accepted one is published (none lost for a full queue)."""
+    settings.EVENT_QUEUE_MAX_SIZE = 10
+    settings.BACKPRESSURE_QUEUE_THRESHOLD = 8
+    settings.BACKPRESSURE_REJECT_THRESHOLD = 9
+    lost = EVENTS_LOST.labels(reason="queue_full")
+    lost_before = lost._value.get()
+    # Six points admitted, not yet published (the caller's transaction is open): their room is held.
+    with transaction.atomic():
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 6))
+        assert event_queue.event_queue_reserved() == 6 and event_queue.event_queue_depth() == 0
+        # Depth 0 is far below the thresholds, but 6 reserved + 5 > 10: refused, nothing stored or held.
+        with pytest.raises(services.TelemetryBackpressure) as refused:
+            services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 2.0)] * 5))
+        assert refused.value.admission.state == "full" and refused.value.status_code == 503
+        assert event_queue.event_queue_reserved() == 6
+        # A publish of anyone else must leave the reserved room alone too.
+        with pytest.raises(event_queue.EventQueueFull):
+            event_queue.event_queue_publish(event_type=services.EVENT_TYPE, payload={}, weight=5)
+    # The commit publishes into the reserved room.
+    assert event_queue.event_queue_reserved() == 0 and event_queue.event_queue_depth() == 6
+    services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 3.0)] * 2))
+    assert event_queue.event_queue_depth() == 8 and lost._value.get() == lost_before
+    assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 8
+
+
+def test_a_refusal_after_admission_releases_the_reserved_room(redis_namespace):
+    unknown = uuid.uuid4()
+    with pytest.raises(services.TelemetryUnknownDevice):
+        services.telemetry_points_ingest(batch=columns(unknown, [("t", recent(1), 1.0)] * 3))
+    assert event_queue.event_queue_reserved() == 0 and event_queue.event_queue_depth() == 0
+
+
+def test_admission_is_one_redis_call_and_the_insert_marks_the_device_seen(device, published, redis_namespace):
+    """Issue 12: admission (backpressure, room, rate limit) is one Redis call; the device's `last_seen`
+    is written by the insert statement, and its cache tombstoned only when that changed the row."""
+    from devices.cache import device_cache_key
+    from iot.testing.redis import redis_round_trips
+
+    version = device.version
+    with redis_round_trips() as calls:
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
+    # The admission, then the tombstone of the woken device (the publish waits for the test's commit).
+    assert calls == ["EVALSHA", "EVALSHA"], calls
+    device.refresh_from_db()
+    assert (device.status, device.version) == ("active", version + 1) and device.last_seen is not None
+    assert int(get_redis().hget(device_cache_key(device.pk), "v")) == version + 1
+    with redis_round_trips() as calls:  # within LAST_SEEN_RESOLUTION_MS: the UPDATE changes nothing
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 2.0)]))
+    assert calls == ["EVALSHA"], calls
+    device.refresh_from_db()
+    assert device.version == version + 1
+    assert published == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_devices_after_commit_tombstone_travels_with_the_publish(device, redis_namespace, monkeypatch):
+    """After the commit: the publish and the device's cache tombstone, one round trip."""
+    import devices.services
+    from devices.cache import device_cache_key
+    from iot.testing.redis import redis_round_trips
+
+    # Without the in-transaction tombstone, only the after-commit one can write the entry.
+    monkeypatch.setattr(devices.services, "device_cache_invalidate_now", lambda **kwargs: None)
+    with redis_round_trips() as calls:
+        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
+    assert calls == ["EVALSHA", "pipeline"], calls  # admission; after the commit, publish + tombstone
+    assert int(get_redis().hget(device_cache_key(device.pk), "v")) == device.version + 1
+    assert event_queue.event_queue_depth() == 1 and event_queue.event_queue_reserved() == 0
 
 
 FULL_WINDOW = RateLimitDecision(allowed=False, limit=100, remaining=0, retry_after_seconds=30, scope="device")
@@ -202,7 +286,7 @@ def counted(outcome: str) -> float:
     return POINTS.labels(outcome=outcome)._value.get()
 
 
-def test_the_service_counts_its_refusals_by_outcome(device, published, settings, monkeypatch):
+def test_the_service_counts_its_refusals_by_outcome(device, published, settings, redis_namespace):
     settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 2
     before = {outcome: counted(outcome) for outcome in ("rate_limited", "backpressure", "invalid")}
     services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 2))
@@ -212,7 +296,7 @@ def test_the_service_counts_its_refusals_by_outcome(device, published, settings,
         services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 3))
     with pytest.raises(services.TelemetryUnknownDevice):
         services.telemetry_points_ingest(batch=columns(uuid.uuid4(), [("t", recent(1), 1.0)]))
-    monkeypatch.setattr(services, "event_queue_admission", lambda: Admission("warning", 8_000, 2))
+    queue_depth_set(django_settings.BACKPRESSURE_QUEUE_THRESHOLD)
     with pytest.raises(services.TelemetryBackpressure):
         services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 5))
     after = {outcome: counted(outcome) - before[outcome] for outcome in before}
@@ -329,3 +413,37 @@ def test_event_handler_pushes_to_the_live_group():
 def test_malformed_events_raise_for_the_dead_letter_stream(payload):
     with pytest.raises(ValueError, match="malformed"):
         events.telemetry_points_received(payload)
+
+
+def test_a_read_of_events_is_handled_together_and_a_bad_event_fails_alone(redis_namespace, monkeypatch):
+    """Issue 12: the consumer handles a read's events at once: the counters of all of them in one
+    MULTI/EXEC, one ack call; a malformed event, or one whose push failed, stays pending alone."""
+    from iot.testing.redis import redis_round_trips
+
+    event_queue.ensure_consumer_group()
+    received = datetime.now(UTC)
+    device_ids = [str(uuid.uuid4()) for _ in range(3)]
+    good = [_event(device_id, 2, received) for device_id in device_ids]
+    malformed = {**_event(device_ids[0], 1, received), "values": "none"}
+    for payload in [good[0], malformed, good[1], good[2]]:
+        event_queue.event_queue_publish(event_type=services.EVENT_TYPE, payload=orjson.loads(orjson.dumps(payload)))
+    pushed = []
+    real_send_many = events.channel_group_send_many
+
+    def send_many(*, sends):
+        pushed.extend(message["event_id"] for _, message in sends)
+        outcomes = real_send_many(sends=sends)
+        failed = RuntimeError("push failed")
+        return [failed if m["device_id"] == device_ids[2] else o for (_, m), o in zip(sends, outcomes, strict=True)]
+
+    monkeypatch.setattr(events, "channel_group_send_many", send_many)
+    with redis_round_trips() as calls:
+        report = event_queue.event_queue_consume(consumer="c1", block_ms=100)
+    assert (report.handled, report.failed) == (2, 2)
+    assert calls == ["XREADGROUP", "pipeline", "EVALSHA"], calls  # read, counters (one MULTI), one ack
+    assert pushed == [event["event_id"] for event in good]  # the malformed one is never pushed
+    window = get_redis().hgetall(count_window_key(count_window_start(received.timestamp())))
+    assert int(window[b"total"]) == 4  # the two events handled, 2 points each
+    assert {key for key in window if key.startswith(b"d:")} == {f"d:{d}".encode() for d in device_ids[:2]}
+    assert event_queue.event_queue_depth() == 2  # the two that failed stay pending, for a retry
+    assert get_redis().xpending(event_queue._stream_key(), event_queue.GROUP)["pending"] == 2

@@ -339,7 +339,9 @@ def firmware_update_start(
             if active is None:
                 if not Device.objects.filter(pk=device_id).exists():
                     raise FirmwareUpdateUnknownDevice() from None  # deleted meanwhile: the foreign key refused
-                raise
+                # The update that held the slot ended between our insert and this read (a release with no
+                # artifact fails within milliseconds): the slot is free now, try again.
+                continue
             if not force:
                 raise FirmwareUpdateActive(
                     f"The device already has an active update ({active.pk}, {active.status}); "

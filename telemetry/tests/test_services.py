@@ -440,7 +440,10 @@ def test_a_read_of_events_is_handled_together_and_a_bad_event_fails_alone(redis_
     with redis_round_trips() as calls:
         report = event_queue.event_queue_consume(consumer="c1", block_ms=100)
     assert (report.handled, report.failed) == (2, 2)
-    assert calls == ["XREADGROUP", "pipeline", "EVALSHA"], calls  # read, counters (one MULTI), one ack
+    # On a fresh Redis a script's first EVALSHA is refused (NOSCRIPT), loaded once and sent again: not a
+    # round trip of the steady state.
+    steady = [c for i, c in enumerate(calls) if c != "SCRIPT LOAD" and calls[i + 1 : i + 2] != ["SCRIPT LOAD"]]
+    assert steady == ["XREADGROUP", "pipeline", "EVALSHA"], calls  # read, counters (one MULTI), one ack
     assert pushed == [event["event_id"] for event in good]  # the malformed one is never pushed
     window = get_redis().hgetall(count_window_key(count_window_start(received.timestamp())))
     assert int(window[b"total"]) == 4  # the two events handled, 2 points each

@@ -199,14 +199,18 @@ def copy_ceiling(database: str, device_ids: list[str], rows: int) -> tuple[float
     """Rows/s of COPY (binary) and of the API's INSERT ... unnest, both into telemetry_point, one connection."""
     device = uuid.UUID(device_ids[0])
     base = datetime.now(UTC) - timedelta(minutes=40)
-    stamps = [base + timedelta(microseconds=i) for i in range(100)]
+    # Every row its own timestamp (made before the clock starts): a point is identified by device, metric and
+    # timestamp (the unique index of telemetry migration 0003), so a repeated one would fail the statement.
+    stamps = [base + timedelta(microseconds=i) for i in range(rows)]
+    statements = max(rows // 100 // 5, 1)
+    batches = [[base - timedelta(minutes=1, microseconds=100 * k + i) for i in range(100)] for k in range(statements)]
     with psycopg.connect(database) as conn:
         started = time.perf_counter()
         with conn.cursor() as cursor:
             with cursor.copy("COPY telemetry_point (device_id, metric, ts, value) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(["uuid", "varchar", "timestamptz", "float8"])
                 for i in range(rows):
-                    copy.write_row((device, "copy", stamps[i % 100], float(i)))
+                    copy.write_row((device, "copy", stamps[i], float(i)))
         conn.commit()
         copy_rate = rows / (time.perf_counter() - started)
 
@@ -217,11 +221,10 @@ def copy_ceiling(database: str, device_ids: list[str], rows: int) -> tuple[float
             "WHERE d.id = %s AND d.status <> 'decommissioned'"
         )
         metrics, values = ["unnest"] * 100, [float(i) for i in range(100)]
-        statements = max(rows // 100 // 5, 1)
         started = time.perf_counter()
         with conn.cursor() as cursor:
-            for _ in range(statements):
-                cursor.execute(insert, [metrics, stamps, values, device])
+            for batch in batches:
+                cursor.execute(insert, [metrics, batch, values, device])
                 conn.commit()
         insert_rate = statements * 100 / (time.perf_counter() - started)
     return copy_rate, insert_rate

@@ -220,7 +220,7 @@ SELECT (SELECT count(*) FROM ins), (SELECT group_id FROM d), now(){{extra}}
             raise services.TelemetryRateLimited(decision)
         received_at, group_id = legacy_insert(batch)
         transaction.on_commit(partial(legacy_after_commit, batch, received_at, group_id))
-        return services.IngestResult(count=points, rate_limit=decision)
+        return services.IngestResult(count=points, rate_limit=decision, stored=points)
 
     current_ingest = services._ingest
 

@@ -335,7 +335,9 @@ def copy_rows(conninfo: dict, device_ids: list[str], rows: int, groups: "Process
     """Binary COPY of `rows` points into telemetry_point from one connection, committed."""
     devices = [uuid.UUID(d) for d in device_ids]
     base = datetime.now(UTC) - timedelta(minutes=30)
-    stamps = [base + timedelta(microseconds=i) for i in range(1000)]
+    # Every row its own timestamp (made before the clock starts): a point is identified by device, metric and
+    # timestamp (the unique index of telemetry migration 0003), so a repeated one would fail the COPY.
+    stamps = [base + timedelta(microseconds=i) for i in range(rows)]
     metrics = ["m0", "m1", "m2", "m3"]
     with psycopg.connect(**conninfo) as conn:
         postgres_before, client_before = groups.cpu_seconds()["postgres"], time.process_time()
@@ -345,7 +347,7 @@ def copy_rows(conninfo: dict, device_ids: list[str], rows: int, groups: "Process
             with cursor.copy(statement) as copy:
                 copy.set_types(["uuid", "varchar", "timestamptz", "float8"])
                 for i in range(rows):
-                    copy.write_row((devices[i % len(devices)], metrics[i % 4], stamps[i % 1000], float(i)))
+                    copy.write_row((devices[i % len(devices)], metrics[i % 4], stamps[i], float(i)))
         conn.commit()
         wall = time.perf_counter() - started
         postgres, client = groups.cpu_seconds()["postgres"] - postgres_before, time.process_time() - client_before

@@ -488,9 +488,11 @@ def event_queue_publish(
 ) -> list:
     """Append an event durably, or raise `EventQueueFull` (and store nothing).
 
-    With a `reservation` still held (taken by `iot.admission` for this event, same weight), the
-    room is already the event's: it is consumed and the publish is never refused. An expired one
-    (or none) publishes only if there is room beside what others hold reserved.
+    With a `reservation` still held (taken by `iot.admission` for this event), the room is already
+    the event's: it is consumed and the publish is never refused. The event may weigh less than
+    its reservation (telemetry publishes only the points a batch stored, not those it had stored
+    already); the rest of the room is given back with it. An expired one (or none) publishes only
+    if there is room beside what others hold reserved.
 
     `alongside`: other script calls to send in the same round trip (`iot.redis.redis_script_calls`;
     not atomic with the publish), e.g. a cache tombstone due after the same commit. Returns their
@@ -500,7 +502,7 @@ def event_queue_publish(
         raise ValueError(f"weight must be a positive integer, got {weight!r}")
     if not event_type:
         raise ValueError("event_type must not be empty")
-    if reservation is not None and reservation.weight != weight:
+    if reservation is not None and reservation.weight < weight:
         raise ValueError(f"reservation of weight {reservation.weight} for an event of weight {weight}")
     publish = ScriptCall(
         script=_PUBLISH,

@@ -2,11 +2,14 @@
 
 from prometheus_client import Counter
 
-OUTCOMES = ("accepted", "rate_limited", "backpressure", "invalid")
+# `duplicate`: answered 202 but not stored again, the same (device, metric, timestamp) being stored
+# already (an MQTT redelivery, a retry without an Idempotency-Key) or repeated within its request;
+# `accepted` counts the points stored, so it matches the rows in Postgres.
+OUTCOMES = ("accepted", "duplicate", "rate_limited", "backpressure", "invalid")
 
 POINTS = Counter(
     "iot_telemetry_points",
-    "Telemetry points received, by outcome (a batch of n counts n).",
+    "Telemetry points received, by outcome (a batch of n counts n; duplicate: answered 202, stored before).",
     ["outcome"],
 )
 EVENTS_LOST = Counter(

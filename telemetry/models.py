@@ -19,14 +19,16 @@ class TelemetryPoint(models.Model):
     list) points; writes go through `services.telemetry_points_ingest`, one
     multi-row INSERT per request.
 
-    The one index, `(device_id, metric, ts DESC)`, serves "newest points of a
-    device/metric", "latest point" and time-range scans. There is deliberately no
-    uniqueness: two points with the same device, metric and timestamp are both
-    stored (clients that send `utcnow()` in a loop produce such duplicates and a
-    202 promises they were stored). `id` comes from an identity column and exists
-    only because the ORM needs a primary key; it is not indexed (nothing looks a
-    point up by id) and there is no foreign key to the device (the insert joins
-    `devices_device` instead, which costs nothing per row).
+    A point is identified by (device, metric, timestamp): the one b-tree index,
+    UNIQUE `(device_id, metric, ts DESC)` (migration 0003; it contains the partition
+    key, so it holds across partitions), serves "newest points of a device/metric",
+    "latest point" and time-range scans, and the ingest INSERT's `ON CONFLICT DO
+    NOTHING`: a point stored again (an MQTT QoS 1 redelivery, an HTTP retry without
+    an Idempotency-Key, a repeat within a batch) is not, and its first value stays.
+    `id` comes from an identity column and exists only because the ORM needs a
+    primary key; it is not indexed (nothing looks a point up by id) and there is no
+    foreign key to the device (the insert joins `devices_device` instead, which
+    costs nothing per row).
     """
 
     id = models.BigIntegerField(primary_key=True, editable=False)

@@ -298,7 +298,9 @@ def test_device_panels_cost_does_not_grow_with_history(redis_namespace):
     path = f"/admin/devices/device/{device.pk}/panels/?range=7d"
     before = _costs(client, path)
     points_insert(
-        device_id=device.pk, metric="temperature", points=[(now - timedelta(minutes=i), float(i)) for i in range(5000)]
+        device_id=device.pk,
+        metric="temperature",
+        points=[(now - timedelta(minutes=i, seconds=30), float(i)) for i in range(5000)],  # new timestamps
     )
     assert _costs(client, path) == before
 

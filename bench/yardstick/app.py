@@ -9,7 +9,8 @@ for round trip:
    `auth_user` and fills the cache);
 2. admission: one `GET` of the platform's event-queue depth (refused past the thresholds);
 3. the device's sliding window and the global second, checked and taken in one Lua script;
-4. one transaction: the `INSERT ... SELECT` joined to the device row (not decommissioned), then
+4. one transaction: the `INSERT ... SELECT` joined to the device row (not decommissioned; `ON CONFLICT
+   DO NOTHING`: a point is identified by device, metric and timestamp, as in the platform), then
    the conditional `last_seen` UPDATE (at most once a second per device); when that updated the
    row, a tombstone for the device's cache entry in the transaction and again after commit;
 5. after commit, the event: depth checked, `XADD` and the depth raised in one script, into the
@@ -104,9 +105,11 @@ WITH d AS (SELECT id, group_id FROM devices_device WHERE id = $1 AND status <> '
 ins AS (
     INSERT INTO telemetry_point (device_id, metric, ts, value)
     SELECT d.id, $2, $3, $4 FROM d
+    ON CONFLICT (device_id, metric, ts) DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT group_id FROM d) AS group_id, now() AS received_at
+SELECT (SELECT count(*) FROM ins) AS inserted, EXISTS (SELECT FROM d) AS found, (SELECT group_id FROM d) AS group_id,
+       now() AS received_at
 """
 
 MARK_SEEN_SQL = """
@@ -222,7 +225,7 @@ async def point(body: Point, response: Response, authorization: str | None = Hea
     tombstone = f"{OWN}:device:{device}"
     async with state["pg"].acquire() as conn, conn.transaction():
         stored = await conn.fetchrow(STORE_SQL, body.device_id, body.metric, body.timestamp, body.value)
-        if stored["inserted"] != 1:
+        if not stored["found"]:
             raise HTTPException(422, "unknown or decommissioned device")
         version = await conn.fetchval(MARK_SEEN_SQL, body.device_id)
         if version is not None:
@@ -238,7 +241,9 @@ async def point(body: Point, response: Response, authorization: str | None = Hea
         "timestamps": [body.timestamp],
         "values": [body.value],
     }
-    await state["publish"](keys=[STREAM_KEY, DEPTH_KEY], args=[QUEUE_MAX, 1, "telemetry.points", orjson.dumps(event)])
+    if stored["inserted"]:  # a point stored already (a retry) has had its event
+        args = [QUEUE_MAX, 1, "telemetry.points", orjson.dumps(event)]
+        await state["publish"](keys=[STREAM_KEY, DEPTH_KEY], args=args)
     response.headers["X-RateLimit-Limit"] = str(LIMIT)
     response.headers["X-RateLimit-Remaining"] = str(remaining)
     return Status(status="accepted")

@@ -102,11 +102,19 @@ def test_the_publish_with_its_reservation_cannot_be_refused(settings):
     assert event_queue_depth() == 10 and event_queue_reserved() == 0
 
 
-def test_a_reservation_of_another_weight_is_refused():
+def test_an_event_heavier_than_its_reservation_is_refused():
     admitted = ingest_admit(device_id=device(), points=3)
     with pytest.raises(ValueError, match="reservation of weight 3"):
         event_queue_publish(event_type="t", payload={}, weight=4, reservation=admitted.reservation)
     assert event_queue_reserved() == 3 and event_queue_depth() == 0
+
+
+def test_an_event_lighter_than_its_reservation_gives_the_rest_back():
+    """Telemetry publishes only the points a batch stored (duplicates are not): the event may weigh less."""
+    admitted = ingest_admit(device_id=device(), points=3)
+    event_queue_publish(event_type="t", payload={}, weight=2, reservation=admitted.reservation)
+    assert event_queue_depth() == 2 and event_queue_reserved() == 0
+    assert not event_queue_release(reservation=admitted.reservation)
 
 
 def test_release_gives_the_room_back_once(settings):

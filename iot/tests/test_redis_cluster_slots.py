@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 import pytest
@@ -265,7 +265,10 @@ def test_ingest_consumers_reads_and_sweeps_keep_keys_in_one_slot(redis_namespace
         for device in devices:
             telemetry_points_ingest(
                 batch=PointColumns(
-                    device_id=device.id, metrics=["temperature"] * 2, timestamps=[now] * 2, values=[30.0, 5.0]
+                    device_id=device.id,
+                    metrics=["temperature"] * 2,
+                    timestamps=[now - timedelta(seconds=1), now],  # one point per timestamp
+                    values=[30.0, 5.0],
                 )
             )
         while event_queue.event_queue_consume(consumer="slots", block_ms=100).handled:

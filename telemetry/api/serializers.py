@@ -68,10 +68,15 @@ class BatchInSerializer(StrictInputSerializer):
 
 class AcceptedSerializer(serializers.Serializer):
     status = serializers.CharField(default="accepted")
+    duplicates = serializers.IntegerField(
+        required=False,
+        help_text="Only when some points were not stored again: stored already with the same device, metric "
+        "and timestamp (a retry, an MQTT redelivery), or repeating an earlier point of the request.",
+    )
 
 
 class BatchAcceptedSerializer(AcceptedSerializer):
-    count = serializers.IntegerField()
+    count = serializers.IntegerField(help_text="Points in the batch, duplicates included.")
 
 
 # --- Aggregated series (GET /telemetry/{device_id}/{metric}/series, telemetry/series.py) -----------

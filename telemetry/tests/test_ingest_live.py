@@ -2,13 +2,15 @@
 who may send/read what, the seed task-8 telemetry check, and the metrics."""
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
 import pytest
 
 from iot.testing.live import metric_value, register_device, scrape
-from iot.testing.telemetry import batch_body, now_iso, point_body
+from iot.testing.processes import wait_until
+from iot.testing.telemetry import batch_body, point_body
 from telemetry.testing import stored_points
 
 pytestmark = pytest.mark.live
@@ -58,12 +60,51 @@ def test_batch_points_may_repeat_the_device_id_or_leave_it_out(api, device, djan
     assert stored_points(django_db_blocker, device["id"]) == 4
 
 
-def test_identical_points_are_all_stored(api, device, django_db_blocker):
-    """Seed clients stamp points with utcnow() in a tight loop: equal timestamps are still distinct points."""
-    stamp = now_iso()
-    body = {"device_id": device["id"], "points": [{"timestamp": stamp, "metric": "m", "value": 1.0}] * 3}
-    assert api.post("/telemetry/batch", json=body).status_code == 202
-    assert stored_points(django_db_blocker, device["id"]) == 3
+def test_a_point_sent_again_is_stored_once_and_answered_202(api, device, django_db_blocker):
+    """A retry without an Idempotency-Key (the first answer was lost): 202 again, nothing stored twice,
+    the first value kept; the retry still counts against the rate limit (a new request to admission)."""
+    body = point_body(device["id"], value=1.0)
+    first = api.post("/telemetry/point", json=body)
+    again = api.post("/telemetry/point", json={**body, "value": 2.0})
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert first.json() == {"status": "accepted"}
+    assert again.json() == {"status": "accepted", "duplicates": 1}
+    assert int(again.headers["X-RateLimit-Remaining"]) == int(first.headers["X-RateLimit-Remaining"]) - 1
+    assert stored_points(django_db_blocker, device["id"]) == 1
+    assert api.get(f"/telemetry/{device['id']}/temperature/latest").json()["value"] == 1.0
+
+
+def test_a_batch_retried_after_a_lost_response_stores_each_point_once(api, device, django_db_blocker):
+    """Seed clients stamp points with utcnow() in a tight loop: equal timestamps of one metric are one point.
+    The batch repeats a point within itself, then is sent again whole; the counts stay those of the rows."""
+    body = batch_body(device["id"], 10)
+    body["points"].append({**body["points"][3], "value": 99.0})
+    first = api.post("/telemetry/batch", json=body)
+    assert first.status_code == 202 and first.json() == {"status": "accepted", "count": 11, "duplicates": 1}
+    retry = api.post("/telemetry/batch", json=body)
+    assert retry.status_code == 202 and retry.json() == {"status": "accepted", "count": 11, "duplicates": 11}
+    assert stored_points(django_db_blocker, device["id"]) == 10
+    values = sorted(point["value"] for point in api.get(f"/telemetry/{device['id']}").json())
+    assert values == [float(i) for i in range(10)]  # not 99.0: the first value of the point stays
+
+    def counted() -> int:
+        return api.get(f"/analytics/devices/{device['id']}").json()["message_count"]
+
+    wait_until(lambda: counted() >= 10, timeout=30, message="the device's message count")
+    assert counted() == 10
+
+
+def test_concurrent_identical_points_store_exactly_one_row(api, device, django_db_blocker):
+    """The same point from 8 clients at once (an MQTT redelivery racing its original, a retry racing its
+    first try) across both web processes: all 202, one row, the other 7 answered and counted as duplicates."""
+    body = point_body(device["id"])
+    before = metric_value(api, "iot_telemetry_points_total", outcome="duplicate")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: api.post("/telemetry/point", json=body), range(8)))
+    assert [answer.status_code for answer in answers] == [202] * 8
+    assert sum(answer.json().get("duplicates", 0) for answer in answers) == 7
+    assert stored_points(django_db_blocker, device["id"]) == 1
+    assert metric_value(api, "iot_telemetry_points_total", outcome="duplicate") == before + 7
 
 
 @pytest.mark.parametrize("form", ["naive", "zulu", "offset"])
@@ -205,5 +246,5 @@ def test_points_counter_counts_points_by_outcome(api, device):
     assert metric_value(api, "iot_telemetry_points_total", outcome="accepted") == before_accepted + 7
     assert metric_value(api, "iot_telemetry_points_total", outcome="invalid") == before_invalid + 5
     samples = scrape(api)
-    for outcome in ("rate_limited", "backpressure"):
+    for outcome in ("rate_limited", "backpressure", "duplicate"):
         assert ("iot_telemetry_points_total", (("outcome", outcome),)) in samples

@@ -24,12 +24,13 @@ def _no_points():
 
 
 def store(device_id, count: int, received_at: datetime, *, ts_lag_ms: float = 250.0) -> None:
-    """Rows as the ingest insert writes them, received at `received_at` (backdated, so their minute is closed)."""
+    """Rows as the ingest insert writes them, received at `received_at` (backdated, so their minute is closed);
+    one metric each, so that they are `count` points (a point is identified by device, metric and ts)."""
     ts = received_at - timedelta(milliseconds=ts_lag_ms)
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {TABLE} (device_id, metric, ts, value, received_at) "
-            "SELECT %s, 't', %s, g, %s FROM generate_series(1, %s) AS g",
+            "SELECT %s, 't' || g, %s, g, %s FROM generate_series(1, %s) AS g",
             [device_id, ts, received_at, count],
         )
 

@@ -1,12 +1,13 @@
 """Partition maintenance against the real (test) database. Each test runs in a transaction that
 is rolled back, so the DDL it performs (create, attach, drop) leaves nothing behind."""
 
+import uuid
 from datetime import UTC, date, datetime, timedelta
 from datetime import timezone as dt_timezone
 
 import pytest
 from django.conf import settings
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from telemetry.models import DEFAULT_PARTITION, TABLE
@@ -70,6 +71,33 @@ def test_ensure_moves_points_out_of_the_default_partition():
     assert rows_in(DEFAULT_PARTITION) == before_default - 1
     assert rows_in(partition_name(later.date())) == 1
     assert insert_point(later) == partition_name(later.date())
+
+
+def test_a_partition_made_later_enforces_uniqueness_over_the_points_moved_into_it():
+    """Migration 0003's unique index reaches the partitions that maintenance attaches afterwards (the
+    ATTACH builds theirs, over the points moved in from DEFAULT): a point stored again is skipped there."""
+    later = timezone.now() + timedelta(days=settings.TELEMETRY_PARTITION_PREMAKE_DAYS + 3)
+    device = uuid.uuid4()
+
+    def store() -> str | None:
+        """Where the point went (None: skipped, stored already), as ingestion inserts it."""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {TABLE} (device_id, metric, ts, value) VALUES (%s, 'm', %s, 1) "
+                "ON CONFLICT (device_id, metric, ts) DO NOTHING RETURNING tableoid::regclass::text",
+                [device, later],
+            )
+            row = cursor.fetchone()
+        return row and row[0]
+
+    assert store() == DEFAULT_PARTITION
+    assert store() is None
+    assert partition_name(later.date()) in telemetry_partitions_ensure(now=later)
+    assert store() is None
+    plain = f"INSERT INTO {TABLE} (device_id, metric, ts, value) VALUES (%s, 'm', %s, 2)"
+    with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(plain, [device, later])
+    assert rows_in(partition_name(later.date())) == 1
 
 
 def test_drop_expired_removes_whole_days_past_retention_only():

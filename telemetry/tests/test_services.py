@@ -1,5 +1,6 @@
 """Ingestion service, selectors and event handler, in process against the test database and Redis."""
 
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -44,6 +45,16 @@ def columns(device_id, points: list[tuple[str, datetime, float]]) -> services.Po
 
 def recent(minutes: float) -> datetime:
     return datetime.now(UTC) - timedelta(minutes=minutes)
+
+
+_ORIGIN = recent(5)
+_STAMPS = itertools.count()
+
+
+def distinct(n: int, value: float, *, metric: str = "t") -> list[tuple[str, datetime, float]]:
+    """`n` points of `metric` whose timestamps no other call of this module gives (a point is identified
+    by device, metric and timestamp: repeated ones would be stored once)."""
+    return [(metric, _ORIGIN + timedelta(microseconds=next(_STAMPS)), value) for _ in range(n)]
 
 
 @pytest.fixture
@@ -117,12 +128,12 @@ def test_decommissioned_device_stores_nothing(device, published):
 def test_rate_limit_refusal_stores_nothing(device, published, settings, django_capture_on_commit_callbacks):
     settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 2
     with django_capture_on_commit_callbacks(execute=True):
-        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0), ("t", recent(1), 2.0)]))
+        services.telemetry_points_ingest(batch=columns(device.pk, [*distinct(1, 1.0), *distinct(1, 2.0)]))
     with pytest.raises(services.TelemetryRateLimited) as refused:
         services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 3.0)]))
     assert refused.value.decision.scope == "device"
     with pytest.raises(services.TelemetryBatchOverLimit):
-        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 3))
+        services.telemetry_points_ingest(batch=columns(device.pk, distinct(3, 1.0)))
     assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 2
     assert len(published) == 1
 
@@ -158,11 +169,11 @@ def test_admission_reserves_the_events_room_so_the_publish_after_commit_cannot_b
     lost_before = lost._value.get()
     # Six points admitted, not yet published (the caller's transaction is open): their room is held.
     with transaction.atomic():
-        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 6))
+        services.telemetry_points_ingest(batch=columns(device.pk, distinct(6, 1.0)))
         assert event_queue.event_queue_reserved() == 6 and event_queue.event_queue_depth() == 0
         # Depth 0 is far below the thresholds, but 6 reserved + 5 > 10: refused, nothing stored or held.
         with pytest.raises(services.TelemetryBackpressure) as refused:
-            services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 2.0)] * 5))
+            services.telemetry_points_ingest(batch=columns(device.pk, distinct(5, 2.0)))
         assert refused.value.admission.state == "full" and refused.value.status_code == 503
         assert event_queue.event_queue_reserved() == 6
         # A publish of anyone else must leave the reserved room alone too.
@@ -170,7 +181,7 @@ def test_admission_reserves_the_events_room_so_the_publish_after_commit_cannot_b
             event_queue.event_queue_publish(event_type=services.EVENT_TYPE, payload={}, weight=5)
     # The commit publishes into the reserved room.
     assert event_queue.event_queue_reserved() == 0 and event_queue.event_queue_depth() == 6
-    services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 3.0)] * 2))
+    services.telemetry_points_ingest(batch=columns(device.pk, distinct(2, 3.0)))
     assert event_queue.event_queue_depth() == 8 and lost._value.get() == lost_before
     assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 8
 
@@ -178,7 +189,7 @@ def test_admission_reserves_the_events_room_so_the_publish_after_commit_cannot_b
 def test_a_refusal_after_admission_releases_the_reserved_room(redis_namespace):
     unknown = uuid.uuid4()
     with pytest.raises(services.TelemetryUnknownDevice):
-        services.telemetry_points_ingest(batch=columns(unknown, [("t", recent(1), 1.0)] * 3))
+        services.telemetry_points_ingest(batch=columns(unknown, distinct(3, 1.0)))
     assert event_queue.event_queue_reserved() == 0 and event_queue.event_queue_depth() == 0
 
 
@@ -289,16 +300,16 @@ def counted(outcome: str) -> float:
 def test_the_service_counts_its_refusals_by_outcome(device, published, settings, redis_namespace):
     settings.RATE_LIMIT_TELEMETRY_PER_DEVICE = 2
     before = {outcome: counted(outcome) for outcome in ("rate_limited", "backpressure", "invalid")}
-    services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 2))
+    services.telemetry_points_ingest(batch=columns(device.pk, distinct(2, 1.0)))
     with pytest.raises(services.TelemetryRateLimited):
         services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)]))
     with pytest.raises(services.TelemetryBatchOverLimit):  # can never pass: invalid, not rate_limited
-        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 3))
+        services.telemetry_points_ingest(batch=columns(device.pk, distinct(3, 1.0)))
     with pytest.raises(services.TelemetryUnknownDevice):
         services.telemetry_points_ingest(batch=columns(uuid.uuid4(), [("t", recent(1), 1.0)]))
     queue_depth_set(django_settings.BACKPRESSURE_QUEUE_THRESHOLD)
     with pytest.raises(services.TelemetryBackpressure):
-        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 5))
+        services.telemetry_points_ingest(batch=columns(device.pk, distinct(5, 1.0)))
     after = {outcome: counted(outcome) - before[outcome] for outcome in before}
     assert after == {"rate_limited": 1, "backpressure": 5, "invalid": 3 + 1}
 
@@ -308,11 +319,11 @@ def test_accepted_points_are_counted_at_the_commit_and_never_for_a_rollback(devi
     """Real commits and rollbacks (no test transaction around them): the count is a side effect of the commit."""
     before = counted("accepted")
     with pytest.raises(RuntimeError), transaction.atomic():
-        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 3))
+        services.telemetry_points_ingest(batch=columns(device.pk, distinct(3, 1.0)))
         raise RuntimeError("the caller fails after ingesting")
     assert counted("accepted") == before and published == []
     with transaction.atomic():
-        services.telemetry_points_ingest(batch=columns(device.pk, [("t", recent(1), 1.0)] * 2))
+        services.telemetry_points_ingest(batch=columns(device.pk, distinct(2, 1.0)))
         assert counted("accepted") == before and published == [], "counted before the commit"
     assert counted("accepted") == before + 2 and len(published) == 1
     assert TelemetryPoint.objects.filter(device_id=device.pk).count() == 2

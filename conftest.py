@@ -1,8 +1,9 @@
 """Suite-wide fixtures: an isolated Redis namespace, and the live multi-process platform.
 
-`platform` starts the real ASGI server with 2 worker processes and a real
-Celery worker against the test database, once per session; tests talk to it
-over HTTP with `api` (an operator token) exactly as clients do.
+`platform` starts the real ASGI server with 2 worker processes, its embedded
+MQTT broker and a real worker against the test database, once per session;
+tests talk to it over HTTP with `api` (an operator token) exactly as clients
+do, and over MQTT at `platform.mqtt_url`.
 """
 
 import uuid
@@ -12,7 +13,15 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from iot.testing.processes import Platform, database_url, http_client, platform_env, start_web, start_worker
+from iot.testing.processes import (
+    Platform,
+    database_url,
+    http_client,
+    platform_env,
+    start_mqtt_broker,
+    start_web,
+    start_worker,
+)
 from iot.testing.redis import redis_namespace as redis_namespace_of
 from iot.testing.redis import redis_prefix_flush, redis_prefix_new
 
@@ -54,12 +63,13 @@ def platform_logs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def platform(django_db_setup, django_db_blocker, platform_logs):
-    """The real platform (web x2 processes + Celery worker) on the test database."""
+    """The real platform (web x2 processes, its embedded MQTT broker, the worker) on the test database."""
     with django_db_blocker.unblock():
-        env = platform_env(database=database_url(connection.settings_dict))
+        env = platform_env(database=database_url(connection.settings_dict), mqtt=True)
     running = Platform(env=env)
     try:
         start_web(running, workers=2, log_dir=platform_logs)
+        start_mqtt_broker(running, log_dir=platform_logs)
         start_worker(running, log_dir=platform_logs)
         yield running
     finally:

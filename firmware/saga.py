@@ -29,10 +29,12 @@ waits while an earlier update of the device (cancelled or superseded, still comp
 not finished, and that one's `on_finish` wakes it.
 """
 
+import logging
 import uuid
 from datetime import datetime, timedelta
 from functools import partial
 
+import redis
 from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db import transaction
@@ -43,7 +45,10 @@ from devices.selectors import device_state_for_update
 from devices.services import DeviceNotFound, device_status_transition, device_update
 from firmware.artifacts import checksum_sha256_hex
 from firmware.models import ACTIVE_STATUSES, DeviceResult, FirmwareUpdate, UpdateStatus
+from iot.event_queue import EventQueueFull, event_queue_publish
 from iot.saga import SagaDefinition, SagaRunView, SagaStep, StepFailed, StepWait, saga_signal
+
+logger = logging.getLogger(__name__)
 
 SAGA_NAME = "firmware.update"
 
@@ -149,20 +154,40 @@ def enter_maintenance_undo(run: SagaRunView) -> None:
 # --- 3. dispatch -------------------------------------------------------------------------------
 
 
+OFFER_CHANGED_EVENT = "firmware.offer_changed"
+
+
+def _offer_changed_publish(*, device_id: uuid.UUID) -> None:
+    """Tell the event queue that what the device is offered changed: an update was dispatched to it, or
+    withdrawn (`mqtt.events` pushes the device its current offer, or none, on `devices/{id}/ota`). Best
+    effort by design: the device also learns of it by polling `GET /firmware/device/update` and from the
+    refusal of its next report, so a full queue or a Redis outage is logged, never a failed step."""
+    try:
+        event_queue_publish(event_type=OFFER_CHANGED_EVENT, payload={"device_id": str(device_id)})
+    except (EventQueueFull, redis.RedisError, OSError) as exc:
+        logger.warning("the offer to device %s changed, its push not queued: %s", device_id, exc)
+
+
 def dispatch(run: SagaRunView) -> dict:
-    """Make the update visible to the device; it stays `pending` until the device reports."""
+    """Make the update visible to the device; it stays `pending` until the device reports. After the
+    commit, the offer is pushed to the device if it listens (MQTT)."""
     update = _update(run)
     now = timezone.now()
-    FirmwareUpdate.objects.filter(pk=update.pk, dispatched_at=None).update(dispatched_at=now, updated_at=now)
+    changed = FirmwareUpdate.objects.filter(pk=update.pk, dispatched_at=None).update(dispatched_at=now, updated_at=now)
+    if changed:
+        transaction.on_commit(partial(_offer_changed_publish, device_id=update.device_id), robust=True)
     return {"dispatched_at": now.isoformat()}
 
 
 def dispatch_undo(run: SagaRunView) -> None:
-    """Withdraw the update: the device no longer gets it, and its reports are refused."""
+    """Withdraw the update: the device no longer gets it, and its reports are refused. After the commit,
+    a device that listens (MQTT) is told it has no offer any more."""
     now = timezone.now()
-    FirmwareUpdate.objects.filter(pk=uuid.UUID(run.context["update_id"]), withdrawn_at=None).update(
-        withdrawn_at=now, updated_at=now
-    )
+    update_id = uuid.UUID(run.context["update_id"])
+    changed = FirmwareUpdate.objects.filter(pk=update_id, withdrawn_at=None).update(withdrawn_at=now, updated_at=now)
+    if changed:
+        device_id = uuid.UUID(run.context["device_id"])
+        transaction.on_commit(partial(_offer_changed_publish, device_id=device_id), robust=True)
 
 
 # --- 4. await_feedback -------------------------------------------------------------------------

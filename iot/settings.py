@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "firmware",
     "alerts",
     "analytics",
+    "mqtt",
 ]
 
 MIDDLEWARE = [
@@ -502,3 +503,24 @@ CELERY_BEAT_SCHEDULE["device-liveness-sweep"] = {
 TELEMETRY_SERIES_MAX_BUCKETS = env.int("TELEMETRY_SERIES_MAX_BUCKETS", default=2000)
 if TELEMETRY_SERIES_MAX_BUCKETS < 1:
     raise ImproperlyConfigured("TELEMETRY_SERIES_MAX_BUCKETS must be at least 1.")
+
+# --- MQTT: the broker devices speak to, the ingest bridge (iot/mqtt.py, mqtt/bridge.py; docs/MQTT.md) ---
+# `mqtt://host:port` (or `mqtts://`). `make run` starts an embedded broker and sets it when unset; empty: MQTT off.
+MQTT_URL = env.str("MQTT_URL", default="")
+# The platform's own account on the broker (the bridge, the OTA push): allowed every topic by /mqtt/auth.
+MQTT_BRIDGE_USERNAME = env.str("MQTT_BRIDGE_USERNAME", default="iot-bridge")
+MQTT_BRIDGE_PASSWORD = env.str("MQTT_BRIDGE_PASSWORD", default="")
+# The shared secret the broker sends (header X-MQTT-Auth-Secret) when it asks POST /mqtt/auth and /mqtt/acl
+# (mqtt/authentication.py). Empty: those endpoints refuse every caller, so no device can log in over MQTT.
+# `make run` and the test platforms generate one for their embedded broker.
+MQTT_AUTH_SECRET = env.str("MQTT_AUTH_SECRET", default="")
+# Bridge n's client id is `<this>-<n>`: stable across restarts, so its persistent session (and the messages
+# it had not acknowledged) is picked up again. Make it unique per machine when bridges run on several.
+MQTT_BRIDGE_CLIENT_ID = env.str("MQTT_BRIDGE_CLIENT_ID", default="iot-bridge")
+# A shared-subscription group (`$share/<group>/...`): several bridges split the messages. Only for a broker
+# that supports it (EMQX, Mosquitto >= 1.6, HiveMQ); empty: no sharing, and `make worker` runs one bridge.
+MQTT_SHARED_GROUP = env.str("MQTT_SHARED_GROUP", default="")
+# (MQTT_BRIDGE_COUNT, how many bridges `make worker` runs, is read by scripts/platform.py like EVENT_BUS_WORKER_COUNT.)
+# The base URL devices reach the HTTP API at, for the links the platform sends them outside an HTTP answer
+# (the artifact URL of an OTA offer pushed over MQTT). Empty: the links are paths (`/firmware/...`).
+PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="")

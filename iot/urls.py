@@ -94,6 +94,7 @@ urlpatterns = [
     path("", include("alerts.api.urls")),
     path("", include("firmware.api.urls")),
     path("", include("analytics.api.urls")),
+    path("", include("mqtt.api.urls")),
     # Keep last: only a path nothing above matched comes here (one trailing slash, not "//").
     re_path(r"^(?P<path>.*[^/])/$", without_trailing_slash),
 ]

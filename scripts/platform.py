@@ -3,7 +3,9 @@
 
     python scripts/platform.py web      # ASGI server, WEB_CONCURRENCY processes (default 2 per core) on PORT
     python scripts/platform.py worker   # Celery worker (+ beat unless WORKER_BEAT=0) + event-queue consumers
-    python scripts/platform.py all      # migrate, then web + worker; Ctrl-C/SIGTERM stops both
+                                        # + MQTT ingest bridges (when MQTT_URL is set)
+    python scripts/platform.py all      # migrate, then web + worker (+ an embedded MQTT broker when MQTT_URL
+                                        # is unset); Ctrl-C/SIGTERM stops them all
     python scripts/platform.py demo     # `all` plus a demo fleet (manage.py run_demo) playing against it
     python scripts/platform.py manage ARGS...   # manage.py with the same environment (make manage)
 
@@ -12,12 +14,15 @@ restarted on its own with backoff, the others untouched; a crash-looping one sto
 platform with exit status 1. `web` alone is uvicorn itself, which restarts its workers.
 
 Database and Redis come from DATABASE_URL / REDIS_URL (`make` starts embedded
-servers when they are unset, see scripts/devservices.py).
+servers when they are unset, see scripts/devservices.py). The MQTT broker devices speak to is
+MQTT_URL; unset, `all` starts the embedded one (`python -m mqtt.broker`, supervised like the rest)
+on MQTT_PORT (1883), or on a free port when that one is taken, and hands its URL to the others.
 """
 
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -95,6 +100,24 @@ def web_argv() -> list[str]:
     ]
 
 
+# glibc's malloc arenas per process, unless MALLOC_ARENA_MAX is set (environment or `.env`): see below.
+MALLOC_ARENA_MAX = "2"
+
+
+def malloc_environment() -> dict[str, str]:
+    """MALLOC_ARENA_MAX for the processes started from here (glibc reads it when a process starts).
+
+    glibc gives a thread that finds the arena it tried locked another one, up to 8 per core, and
+    each arena keeps the free memory of its own peak. A web process has WEB_THREADS (16) request
+    threads: under 1000-point batches its arenas kept ~17.5 MiB free with glibc's limit (16 on
+    2 cores) against 6-7.5 MiB with 2, and its RSS settled at 123-125 MiB against 117-118 MiB
+    (bench/web_rss.py). The threads share one GIL, so they seldom allocate at the same moment: the
+    CPU per request did not move (alternating runs: 11.3/9.5, 9.7/9.4, 8.8/9.1 ms, 16/2 arenas).
+    The Celery worker and the consumers get the same limit; they run few threads.
+    """
+    return {"MALLOC_ARENA_MAX": (_environ().get("MALLOC_ARENA_MAX") or "").strip() or MALLOC_ARENA_MAX}
+
+
 def _beat_schedule_prefix() -> Path:
     # Per process, so concurrent platforms (tests, benches) never share the shelve file;
     # removed again when this runner exits (see _run_children).
@@ -142,10 +165,70 @@ def event_consumer_count() -> int:
     return max(0, int(_environ().get("EVENT_BUS_WORKER_COUNT") or 2))
 
 
+def mqtt_bridge_count() -> int:
+    """How many MQTT ingest bridges to run: none without MQTT_URL; MQTT_BRIDGE_COUNT (default 1) with a
+    shared-subscription group (MQTT_SHARED_GROUP); one without, as each would receive every message."""
+    environ = _environ()
+    if not environ.get("MQTT_URL"):
+        return 0
+    count = max(0, int(environ.get("MQTT_BRIDGE_COUNT") or 1))
+    return count if environ.get("MQTT_SHARED_GROUP") else min(count, 1)
+
+
 def worker_commands() -> dict[str, list[str]]:
-    """The Celery worker plus EVENT_BUS_WORKER_COUNT event-queue consumer processes (one loop each)."""
-    consumer = [sys.executable, str(REPO_ROOT / "manage.py"), "run_event_consumers"]
-    return {"worker": worker_argv(), **{f"events-{n}": consumer for n in range(1, event_consumer_count() + 1)}}
+    """The Celery worker, EVENT_BUS_WORKER_COUNT event-queue consumer processes (one loop each) and the
+    MQTT ingest bridges (`mqtt_bridge_count`), each with its index: its persistent session's client id."""
+    manage = [sys.executable, str(REPO_ROOT / "manage.py")]
+    consumer = [*manage, "run_event_consumers"]
+    return {
+        "worker": worker_argv(),
+        **{f"events-{n}": consumer for n in range(1, event_consumer_count() + 1)},
+        **{f"mqtt-bridge-{n}": [*manage, "run_mqtt_bridge", "--index", str(n)] for n in range(mqtt_bridge_count())},
+    }
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        # As the broker binds (SO_REUSEADDR): a port left in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def embedded_mqtt_broker(web_port: str) -> dict[str, list[str]]:
+    """With MQTT_URL unset: the embedded MQTT broker, a child like the others, and its URL in MQTT_URL for the rest.
+
+    It listens on HOST (as the web does) at MQTT_PORT (1883), or at a free port when that one is
+    taken (a Mosquitto on the machine, another `make run`), and asks this web server who may connect.
+    The secret it sends (MQTT_AUTH_SECRET) and the bridge account's password (MQTT_BRIDGE_PASSWORD)
+    are made up for this run when unset: only the children started here know them. Returns {} when
+    MQTT_URL is set (an external broker: nothing to start).
+    """
+    environ = _environ()
+    if environ.get("MQTT_URL"):
+        return {}
+    host = environ.get("HOST", "127.0.0.1")
+    wanted = int(environ.get("MQTT_PORT") or 1883)
+    port = wanted if _port_is_free(host, wanted) else _free_port(host)
+    for name in ("MQTT_AUTH_SECRET", "MQTT_BRIDGE_PASSWORD"):
+        if not environ.get(name):
+            os.environ[name] = secrets.token_urlsafe(32)
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    os.environ["MQTT_URL"] = f"mqtt://{reach}:{port}"
+    taken = "" if port == wanted else f"; MQTT_PORT {wanted} is taken"
+    print(f"  MQTT:     {os.environ['MQTT_URL']}  (embedded broker{taken})", flush=True)
+    auth_url = f"http://127.0.0.1:{web_port}/mqtt"
+    argv = [sys.executable, "-m", "mqtt.broker", "--host", host, "--port", str(port), "--auth-url", auth_url]
+    return {"mqtt-broker": argv}
 
 
 def _run_children(commands: dict[str, list[str]]) -> int:
@@ -165,6 +248,7 @@ def _manage(*args: str) -> None:
 def main() -> int:
     mode = sys.argv[1] if len(sys.argv) > 1 else "all"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "iot.settings")
+    os.environ.update(malloc_environment())  # for every process started or exec'd from here
     _ensure_secret_key()
     if mode == "web":
         _metrics_dir()
@@ -184,10 +268,12 @@ def main() -> int:
         f"\n  Platform starting on http://127.0.0.1:{port}\n"
         f"  Admin:    http://127.0.0.1:{port}/admin/  (the fleet dashboard; login above)\n"
         f"  API docs: http://127.0.0.1:{port}/api/docs\n"
-        '  API token: make manage ARGS="create_api_token <username>"\n',
+        '  API token: make manage ARGS="create_api_token <username>"',
         flush=True,
     )
-    children = {"web": web_argv(), **worker_commands()}
+    broker = embedded_mqtt_broker(port)  # before the others: it sets the MQTT_URL they get
+    print(flush=True)
+    children = {"web": web_argv(), **broker, **worker_commands()}
     if mode == "demo":
         print("  Demo fleet: 300 simulated devices, alert rules, a staged rollout in 30 s\n", flush=True)
         demo = [sys.executable, str(REPO_ROOT / "manage.py"), "run_demo", "--base-url", f"http://127.0.0.1:{port}"]

@@ -14,11 +14,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = [str(Path(sys.executable).with_name("lint-imports")), "--no-cache", "--no-logo"]
-PACKAGES = ("iot", "devices", "telemetry", "firmware", "alerts", "analytics")
+PACKAGES = ("iot", "devices", "telemetry", "firmware", "alerts", "analytics", "mqtt")
 
 IOT_SHARED = "Shared package iot imports no domain app (composition root excepted)"
 COMPOSITION_ROOT = "Nothing imports the composition root (iot.asgi, iot.urls, iot.settings, iot.celery)"
-LAYERS = "Domain apps import only the apps below them (devices < telemetry < firmware | alerts < analytics)"
+MQTT_BROKER = "The embedded MQTT broker imports no Django code (mqtt.broker)"
+LAYERS = "Domain apps import only the apps below them (devices < telemetry < firmware | alerts < analytics | mqtt)"
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
@@ -39,7 +40,7 @@ def tree(tmp_path) -> Path:
 def test_the_tree_keeps_every_contract():
     result = lint_imports(REPO_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in (IOT_SHARED, COMPOSITION_ROOT, LAYERS):
+    for name in (IOT_SHARED, COMPOSITION_ROOT, LAYERS, MQTT_BROKER):
         assert f"{name} KEPT" in result.stdout
 
 
@@ -55,6 +56,10 @@ def test_the_tree_keeps_every_contract():
         ("telemetry/selectors.py", "import alerts", LAYERS),
         ("alerts/apps.py", "from firmware import apps", LAYERS),
         ("firmware/selectors.py", "from analytics import selectors", LAYERS),
+        ("devices/selectors.py", "from mqtt import selectors", LAYERS),
+        ("analytics/selectors.py", "import mqtt.services", LAYERS),
+        # The embedded MQTT broker runs without Django.
+        ("mqtt/broker/plugin.py", "from mqtt.services import mqtt_client_authenticate", MQTT_BROKER),
     ],
 )
 def test_a_crossed_boundary_fails_the_lint(tree, module, violation, contract):

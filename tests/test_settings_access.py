@@ -16,7 +16,7 @@ from pathlib import Path
 from django.conf import global_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("iot", "devices", "telemetry", "firmware", "alerts", "analytics")
+PACKAGES = ("iot", "devices", "telemetry", "firmware", "alerts", "analytics", "mqtt")
 SETTINGS_FILES = {REPO_ROOT / "iot" / "settings.py", REPO_ROOT / "iot" / "settings_test.py"}
 # Read by the libraries they configure (Django's own are in django.conf.global_settings; CELERY_*: Celery).
 LIBRARY_SETTINGS = {"ASGI_APPLICATION", "CHANNEL_LAYERS", "REST_FRAMEWORK", "ROOT_URLCONF", "SPECTACULAR_SETTINGS"}

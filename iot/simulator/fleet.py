@@ -18,6 +18,10 @@ Load: each device runs two tasks (telemetry every `interval` s, OTA poll every
 `ota_poll_interval` s while it works on an update and every `ota_idle_poll_interval` s (default:
 the same) otherwise, all jittered, first ones spread over a whole period so a fleet does not
 start in one burst) on one event loop, sharing one HTTP pool of `max_connections`.
+
+Transports: `transport="http"` (the device API over HTTP) or `"mqtt"` (`mqtt_url`: one broker
+connection per device, `iot.simulator.mqtt_transport`; artifacts and the offer a device missed
+still over HTTP), or a factory returning any `Transport`.
 """
 
 import asyncio
@@ -46,12 +50,13 @@ from iot.simulator.device import (
     SimulatedDevice,
     expected_count,
 )
+from iot.simulator.mqtt_transport import MqttTransport, broker_address_parse
 from iot.simulator.state import state_load, state_save
 from iot.simulator.transport import DeviceIdentity, Transport
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("http",)  # "mqtt": a Transport over the broker's device topics, later
+TRANSPORTS = ("http", "mqtt")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class DeviceReport:
     updates: dict[str, str]
     update_reasons: dict[str, str]
     update_in_progress: str | None
+    transport_counters: dict[str, int] = field(default_factory=dict)
 
 
 SUMMED_COUNTERS = (
@@ -107,6 +113,7 @@ class FleetStats:
     """A snapshot of the fleet's counters (sums over devices; see `DeviceStats` for each)."""
 
     elapsed: float = 0.0
+    transport: str = "http"
     devices: int = 0  # running (registered with a known token)
     token_unknown: list[str] = field(default_factory=list)
     auth_failed: int = 0
@@ -124,6 +131,8 @@ class FleetStats:
     server_errors: int = 0
     ota_polls: int = 0
     ota_refused: int = 0
+    # MQTT: messages the broker acknowledged (counted accepted) that the platform then refused, on devices/{id}/errors
+    refused_async: int = 0
     updates_installed: int = 0
     updates_failed: int = 0
     updates_silent: int = 0
@@ -141,7 +150,9 @@ class FleetStats:
             f"t={self.elapsed:.0f}s devices={self.devices} "
             f"points sent={self.points_sent} accepted={self.points_accepted} refused={self.points_refused} "
             f"(429={self.refused_429} 503={self.refused_503}) dropped={self.points_dropped} "
-            f"rejected={self.points_rejected} errors={self.transport_errors + self.server_errors} | "
+            f"rejected={self.points_rejected} errors={self.transport_errors + self.server_errors} "
+            + (f"refused-async={self.refused_async} " if self.transport == "mqtt" else "")
+            + "| "
             f"updates installed={self.updates_installed} failed={self.updates_failed} "
             f"silent={self.updates_silent} abandoned={self.updates_abandoned} "
             f"in-progress={self.updates_in_progress}"
@@ -180,6 +191,7 @@ class FleetSimulator:
         seed: int = 0,
         state_path: Path | str | None = None,
         transport: str | Callable[[], Transport] = "http",
+        mqtt_url: str | None = None,
         max_connections: int = 64,
         timeout: float = 15.0,
         idempotency: bool = True,
@@ -200,6 +212,10 @@ class FleetSimulator:
             raise ValueError("interval and ota_poll_interval must be positive")
         if isinstance(transport, str) and transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS} (or a factory), not {transport!r}")
+        if transport == "mqtt":
+            if not mqtt_url:
+                raise ValueError("transport 'mqtt' needs mqtt_url (mqtt://host:port)")
+            broker_address_parse(mqtt_url)  # a bad URL stops us here, not in every device
         if not metrics:
             raise ValueError("at least one metric")
         self.base_url = base_url.rstrip("/")
@@ -218,6 +234,7 @@ class FleetSimulator:
         self.seed = seed
         self.state_path = Path(state_path) if state_path else None
         self.transport = transport
+        self.mqtt_url = mqtt_url
         self.max_connections = max_connections
         self.timeout = timeout
         self.idempotency = idempotency
@@ -230,6 +247,7 @@ class FleetSimulator:
         self.devices: list[SimulatedDevice] = []
         self.registration: RegistrationSummary | None = None
         self._crashed = 0
+        self._transport: Transport | None = None  # the last run's, kept for its counters
         self._elapsed = 0.0
         self._started_at: float | None = None
         self._stop = threading.Event()
@@ -351,6 +369,7 @@ class FleetSimulator:
     def stats(self) -> FleetStats:
         stats = FleetStats(
             elapsed=self._elapsed + (time.monotonic() - self._started_at if self._started_at else 0.0),
+            transport=self.transport if isinstance(self.transport, str) else "custom",
             devices=len(self.devices),
             token_unknown=list(self.registration.token_unknown) if self.registration else [],
             crashed=self._crashed,
@@ -371,6 +390,8 @@ class FleetSimulator:
                 elif outcome == ABANDONED:
                     stats.updates_abandoned += 1
             stats.updates_in_progress += device.update is not None
+            transport_counters = self._transport.device_counters(device.identity.id) if self._transport else {}
+            stats.refused_async += transport_counters.get("refused_async", 0)
             plan = plans[device.identity.serial_number]
             stats.per_device.append(
                 DeviceReport(
@@ -384,6 +405,7 @@ class FleetSimulator:
                     updates=dict(device.updates),
                     update_reasons=dict(device.update_reasons),
                     update_in_progress=device.update.update_id if device.update else None,
+                    transport_counters=transport_counters,
                 )
             )
         stats.backoff_seconds = round(stats.backoff_seconds, 3)
@@ -394,7 +416,10 @@ class FleetSimulator:
     def _make_transport(self) -> Transport:
         if callable(self.transport):
             return self.transport()
-        return HttpTransport(self.base_url, max_connections=self.max_connections, timeout=self.timeout)
+        http = HttpTransport(self.base_url, max_connections=self.max_connections, timeout=self.timeout)
+        if self.transport == "mqtt":
+            return MqttTransport(self.mqtt_url, http=http, timeout=self.timeout)
+        return http
 
     async def _loop(self, step, transport: Transport, first_delay: float) -> None:
         await asyncio.sleep(first_delay)
@@ -435,7 +460,7 @@ class FleetSimulator:
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, self._on_signal, loop, signum)
-        transport = self._make_transport()
+        transport = self._transport = self._make_transport()
         tasks: list[asyncio.Task] = []
         try:
             if self.registration is None:

@@ -1,11 +1,12 @@
 """The seam between a simulated device and the wire: what a device says, not how it travels.
 
 A device (`iot.simulator.device.SimulatedDevice`) only ever calls the four methods of
-`Transport`; HTTP is `iot.simulator.client.HttpTransport`, an MQTT transport would map the
-same calls onto `devices/{id}/telemetry`, `devices/{id}/ota` and `devices/{id}/ota/status`
-(docs: ../shared/CONTRACT.md). Every answer is a `Reply` shaped like an HTTP answer (status,
-JSON body, `Retry-After`), because that is the vocabulary the platform's refusals use on every
-transport: 202 stored, 429/503 wait and retry, other 4xx refused for good.
+`Transport`; HTTP is `iot.simulator.client.HttpTransport`, MQTT is
+`iot.simulator.mqtt_transport.MqttTransport`, which maps the same calls onto
+`devices/{id}/telemetry`, `devices/{id}/ota` and `devices/{id}/ota/status` (docs: ../shared/CONTRACT.md).
+Every answer is a `Reply` shaped like an HTTP answer (status, JSON body, `Retry-After`), because
+that is the vocabulary the platform's refusals use on every transport: 202 stored, 429/503 wait
+and retry, other 4xx refused for good (over MQTT, 202 means the broker has it: see its module).
 """
 
 import base64
@@ -75,6 +76,11 @@ class Transport(ABC):
     @abstractmethod
     async def download(self, device: DeviceIdentity, url: str) -> Download:
         """Fetch an artifact and hash it (SHA-256)."""
+
+    def device_counters(self, device_id: str) -> dict[str, int]:
+        """Counters the transport keeps for a device beside the device's own (`DeviceStats`): over MQTT,
+        the messages the broker took and the platform then refused (`refused_async`). None over HTTP."""
+        return {}
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -16,7 +16,7 @@ import httpx
 from django.db import connection
 from prometheus_client.parser import text_string_to_metric_families
 
-from iot.testing.processes import Platform, database_url, platform_env, start_web, start_worker
+from iot.testing.processes import Platform, database_url, platform_env, start_mqtt_broker, start_web, start_worker
 from iot.testing.redis import redis_namespace
 
 # Limits high enough that only what a test drives on purpose can refuse anything.
@@ -31,24 +31,28 @@ UNLIMITED = {
 
 @contextmanager
 def dedicated_platform(
-    django_db_blocker, log_dir: Path, *, name: str, env: dict[str, str], worker: bool = True
+    django_db_blocker, log_dir: Path, *, name: str, env: dict[str, str], worker: bool = True, mqtt: bool = False
 ) -> Iterator[Platform]:
-    """A real web server (2 processes) and optionally a worker, with `env` on top of the test settings.
+    """A real web server (2 processes) and optionally a worker, with `env` on top of the test settings; with
+    `mqtt`, an embedded MQTT broker of its own too (`running.mqtt_url`; MQTT is off otherwise).
 
     Its Redis namespace is `iottest-<name>` (unless `env` names another), emptied before and after; its
-    processes are `running.processes` in start order (web, then the worker). Logs go to `log_dir/<name>/`.
+    processes are `running.processes` in start order (web, the broker if any, then the worker). Logs go to
+    `log_dir/<name>/`.
     """
     prefix = env.get("REDIS_KEY_PREFIX", f"iottest-{name}")
     with redis_namespace(prefix):
         with django_db_blocker.unblock():
             full_env = platform_env(
-                database=database_url(connection.settings_dict), extra={**env, "REDIS_KEY_PREFIX": prefix}
+                database=database_url(connection.settings_dict), extra={**env, "REDIS_KEY_PREFIX": prefix}, mqtt=mqtt
             )
         running = Platform(env=full_env)
         directory = log_dir / name
         directory.mkdir(parents=True, exist_ok=True)
         try:
             start_web(running, workers=2, log_dir=directory)
+            if mqtt:
+                start_mqtt_broker(running, log_dir=directory)
             if worker:
                 start_worker(running, log_dir=directory)
             yield running

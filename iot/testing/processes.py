@@ -5,6 +5,8 @@ launch, as subprocesses, and waits for them with a deadline.
 """
 
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import psutil
@@ -100,18 +102,29 @@ class Platform:
     base_url: str = ""
     processes: list[ManagedProcess] = field(default_factory=list)
 
+    @property
+    def mqtt_url(self) -> str:
+        """`mqtt://127.0.0.1:<port>` of its embedded broker (`start_mqtt_broker`); empty: MQTT is off."""
+        return self.env.get("MQTT_URL", "")
+
     def stop(self) -> None:
         for managed in reversed(self.processes):
             managed.stop()
 
 
-def platform_env(*, database: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def platform_env(*, database: str, extra: dict[str, str] | None = None, mqtt: bool = False) -> dict[str, str]:
+    """The environment of a platform's processes. Its MQTT secrets (the broker's MQTT_AUTH_SECRET, the bridge
+    account's MQTT_BRIDGE_PASSWORD) are its own, made up here. With `mqtt`, MQTT_URL names a free port for the
+    broker `start_mqtt_broker` starts; without, MQTT is off (MQTT_URL empty, whatever the caller's is)."""
     env = dict(os.environ)
     env.update(
         {
             "DATABASE_URL": database,
             "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "iot.settings_test"),
             "PYTHONUNBUFFERED": "1",
+            "MQTT_AUTH_SECRET": secrets.token_urlsafe(24),
+            "MQTT_BRIDGE_PASSWORD": secrets.token_urlsafe(24),
+            "MQTT_URL": f"mqtt://127.0.0.1:{free_port()}" if mqtt else "",
         }
     )
     env.update(extra or {})
@@ -130,13 +143,10 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Ma
 
 def start_web(platform: Platform, *, workers: int = 2, log_dir: Path, timeout: float = 60.0) -> ManagedProcess:
     port = free_port()
-    metrics_dir = Path(tempfile.mkdtemp(prefix="iot-prom-", dir=log_dir))
-    env = {
-        **platform.env,
-        "PORT": str(port),
-        "WEB_CONCURRENCY": str(workers),
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-    }
+    # Shared with the platform's workers started after it (as `make run` shares one), so that `/metrics`
+    # shows what they count too (the MQTT bridge's messages, the points it ingested).
+    platform.env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="iot-prom-", dir=log_dir)
+    env = {**platform.env, "PORT": str(port), "WEB_CONCURRENCY": str(workers)}
     managed = _spawn("web", [sys.executable, str(REPO_ROOT / "scripts" / "platform.py"), "web"], env, log_dir)
     platform.processes.append(managed)
     platform.base_url = f"http://127.0.0.1:{port}"
@@ -153,11 +163,52 @@ def start_web(platform: Platform, *, workers: int = 2, log_dir: Path, timeout: f
     raise RuntimeError(f"web server not live after {timeout}s:\n{managed.log_tail()}")
 
 
-def start_worker(platform: Platform, *, log_dir: Path, name: str = "worker") -> ManagedProcess:
+def _accepts_connections(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def start_mqtt_broker(platform: Platform, *, log_dir: Path, timeout: float = 60.0) -> ManagedProcess:
+    """The embedded MQTT broker (`python -m mqtt.broker`, what `make run` starts) on the port of the platform's
+    MQTT_URL (`platform_env(mqtt=True)`), asking its running web server; returns once it accepts connections."""
+    url = urlsplit(platform.mqtt_url)
+    if not url.port or not platform.base_url:
+        raise RuntimeError("start_mqtt_broker needs platform_env(mqtt=True) and a running web server (start_web)")
+    argv = [sys.executable, "-m", "mqtt.broker", "--host", url.hostname, "--port", str(url.port)]
+    managed = _spawn("mqtt-broker", [*argv, "--auth-url", f"{platform.base_url}/mqtt"], platform.env, log_dir)
+    platform.processes.append(managed)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if managed.process.poll() is not None:
+            raise RuntimeError(f"MQTT broker exited early:\n{managed.log_tail()}")
+        if _accepts_connections(url.hostname, url.port):
+            return managed
+        time.sleep(0.1)
+    raise RuntimeError(f"MQTT broker not listening after {timeout}s:\n{managed.log_tail()}")
+
+
+# What the MQTT ingest bridge logs once it has subscribed (`mqtt.bridge.MqttBridge._on_connect`).
+BRIDGE_SUBSCRIBED = r"MQTT bridge \S+ subscribed to "
+
+
+def start_worker(platform: Platform, *, log_dir: Path, name: str = "worker", timeout: float = 60.0) -> ManagedProcess:
+    """The worker (Celery, event consumers, and the MQTT bridge when the platform has a broker). With a broker,
+    returns once the bridge has subscribed: a message published before that has no subscriber to queue for."""
     managed = _spawn(
         name, [sys.executable, str(REPO_ROOT / "scripts" / "platform.py"), "worker"], platform.env, log_dir
     )
     platform.processes.append(managed)
+    if platform.mqtt_url:
+        deadline = time.monotonic() + timeout
+        while not re.search(BRIDGE_SUBSCRIBED, managed.log_tail(200_000)):
+            if managed.process.poll() is not None or time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"the worker's MQTT bridge did not subscribe within {timeout}s:\n{managed.log_tail()}"
+                )
+            time.sleep(0.1)
     return managed
 
 

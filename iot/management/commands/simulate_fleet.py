@@ -1,4 +1,4 @@
-"""`manage.py simulate_fleet`: N simulated devices against a running platform, over HTTP.
+"""`manage.py simulate_fleet`: N simulated devices against a running platform, over HTTP or MQTT.
 
     manage.py simulate_fleet --token KEY --devices 200 --groups 10 --alert-rate 0.1 \
         --failure-rate 0.05 --silence-rate 0.02 --duration 300 --json var/fleet.json
@@ -6,6 +6,10 @@
 The devices register (`POST /devices` with the operator token), send telemetry and take
 firmware updates until `--duration` passes or Ctrl-C; a one-line summary is printed every
 `--summary-interval` seconds and at the end. The library behind it is `iot.simulator`.
+
+`--transport mqtt` connects each device to the broker (`--mqtt-url`, default `MQTT_URL`) with its id
+and token and publishes telemetry and reports there; registration, artifacts and the look-up of an
+update pushed before a device connected stay on HTTP (`--base-url`).
 """
 
 import json
@@ -83,6 +87,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--json", type=Path, dest="json_path", help="Write the final stats here (JSON).")
         parser.add_argument("--transport", choices=TRANSPORTS, default="http")
+        parser.add_argument(
+            "--mqtt-url",
+            default=settings.MQTT_URL or None,
+            help="The broker for --transport mqtt: mqtt://host:port or mqtts://host:port (default: the MQTT_URL "
+            "setting, %(default)s).",
+        )
         parser.add_argument("--max-connections", type=int, default=64, help="HTTP connection pool size.")
         parser.add_argument("--summary-interval", type=float, default=5.0, help="Seconds between summary lines.")
         parser.add_argument("--no-idempotency", action="store_true", help="Send telemetry without Idempotency-Key.")
@@ -91,6 +101,11 @@ class Command(BaseCommand):
         # httpx logs every request at INFO: thousands of lines a minute for a fleet.
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        if options["transport"] == "mqtt" and not options["mqtt_url"]:
+            raise CommandError(
+                "--transport mqtt needs --mqtt-url: MQTT_URL is not set in these settings (the broker `make run` "
+                "starts prints its address)"
+            )
         token = options["token"] or self._operator_token(options["operator"])
         default_state = Path(settings.BASE_DIR) / "var" / "simulate_fleet" / f"{options['prefix']}.json"
         state_path = options["state"] or default_state
@@ -115,6 +130,7 @@ class Command(BaseCommand):
                 seed=options["seed"],
                 state_path=state_path,
                 transport=options["transport"],
+                mqtt_url=options["mqtt_url"],
                 max_connections=options["max_connections"],
                 idempotency=not options["no_idempotency"],
                 summary_interval=options["summary_interval"],
@@ -131,6 +147,7 @@ class Command(BaseCommand):
             f"Simulating {fleet.device_count} devices ({options['prefix']}-0..{fleet.device_count - 1}, "
             f"{fleet.groups} groups) against {fleet.base_url}: {hot} hot, {failing} failing and {silent} silent "
             f"on updates (seed {fleet.seed}); tokens in {state_path}."
+            + (f" Devices connect to {options['mqtt_url']}." if options["transport"] == "mqtt" else "")
         )
         try:
             registration = fleet.register()

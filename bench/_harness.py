@@ -24,6 +24,7 @@ from iot.testing.processes import (  # noqa: E402
     database_url,
     platform_env,
     psycopg_conninfo,
+    start_mqtt_broker,
     start_web,
     start_worker,
 )
@@ -61,7 +62,10 @@ def api_token(database: str, username: str = "bench") -> str:
 
 
 @contextmanager
-def running_platform(database: str, *, workers: int = 2, extra_env: dict[str, str] | None = None, with_worker=False):
+def running_platform(
+    database: str, *, workers: int = 2, extra_env: dict[str, str] | None = None, with_worker=False, mqtt=False
+):
+    """The web server (and the worker; with `mqtt`, the embedded broker before it, so its bridge subscribes)."""
     env = platform_env(
         database=database,
         extra={
@@ -70,11 +74,14 @@ def running_platform(database: str, *, workers: int = 2, extra_env: dict[str, st
             **_bench_secret(),
             **(extra_env or {}),
         },
+        mqtt=mqtt,
     )
     platform = Platform(env=env)
     log_dir = Path(tempfile.mkdtemp(prefix="iot-bench-"))
     try:
         start_web(platform, workers=workers, log_dir=log_dir)
+        if mqtt:
+            start_mqtt_broker(platform, log_dir=log_dir)
         if with_worker:
             start_worker(platform, log_dir=log_dir)
         yield platform

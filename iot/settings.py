@@ -520,6 +520,10 @@ MQTT_BRIDGE_CLIENT_ID = env.str("MQTT_BRIDGE_CLIENT_ID", default="iot-bridge")
 # A shared-subscription group (`$share/<group>/...`): several bridges split the messages. Only for a broker
 # that supports it (EMQX, Mosquitto >= 1.6, HiveMQ); empty: no sharing, and `make worker` runs one bridge.
 MQTT_SHARED_GROUP = env.str("MQTT_SHARED_GROUP", default="")
+# Threads per bridge handling messages side by side; one device's messages always take the same one (in order).
+MQTT_BRIDGE_LANES = env.int("MQTT_BRIDGE_LANES", default=4)
+if MQTT_BRIDGE_LANES < 1:
+    raise ImproperlyConfigured("MQTT_BRIDGE_LANES must be at least 1.")
 # (MQTT_BRIDGE_COUNT, how many bridges `make worker` runs, is read by scripts/platform.py like EVENT_BUS_WORKER_COUNT.)
 # The base URL devices reach the HTTP API at, for the links the platform sends them outside an HTTP answer
 # (the artifact URL of an OTA offer pushed over MQTT). Empty: the links are paths (`/firmware/...`).

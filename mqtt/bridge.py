@@ -19,8 +19,11 @@ One bridge is one MQTT session (`manage.py run_mqtt_bridge`, started and supervi
   MQTT 5, and EMQX and Mosquitto for 3.1.1 clients too): each message goes to one of them. Without a
   group every bridge would receive every message, so `make worker` then runs one.
 
-Messages are handled one at a time, in the order received, on the bridge's main thread; paho's
-network thread only queues them (`_inbox`) and keeps the connection alive. An acknowledgement is
+Messages are handled by `MQTT_BRIDGE_LANES` threads (4), each taking the messages of a fixed share of
+the devices (by a hash of the device id), so one device's messages are handled in the order it sent
+them while the lanes wait on Postgres and Redis side by side (one lane: 160 points/s, 4: see
+docs/MQTT.md); paho's network thread only queues them and keeps the connection alive. A message
+held by backpressure holds its lane (so the device's later messages wait behind it, in order). An acknowledgement is
 only valid on the connection that delivered the message: after a reconnect, messages of the
 previous connection are not acknowledged (the broker delivers them again; storing them is a no-op).
 """
@@ -29,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import orjson
@@ -55,12 +59,13 @@ class _Delivery:
 
 
 class MqttBridge:
-    def __init__(self, *, client_id: str, shared_group: str = "", subscribe_qos: int = 1) -> None:
+    def __init__(self, *, client_id: str, shared_group: str = "", lanes: int = 1, subscribe_qos: int = 1) -> None:
         self.client_id = client_id
         self.filters = topics.bridge_filters(shared_group=shared_group)
         self.subscribe_qos = subscribe_qos
         self.handled = 0
-        self._inbox: queue.Queue[_Delivery] = queue.Queue()
+        self._handled_lock = threading.Lock()
+        self._lanes: list[queue.Queue[_Delivery]] = [queue.Queue() for _ in range(max(1, lanes))]
         self._connection = 0
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -91,7 +96,11 @@ class MqttBridge:
             logger.warning("MQTT bridge %s disconnected (%s); reconnecting", self.client_id, reason_code)
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
-        self._inbox.put(_Delivery(connection=self._connection, message=message))
+        # One device's messages always take the same lane: they are handled in the order it sent them.
+        parts = message.topic.split("/", 2)
+        device = parts[1] if len(parts) > 1 else message.topic
+        lane = self._lanes[zlib.crc32(device.encode()) % len(self._lanes)]
+        lane.put(_Delivery(connection=self._connection, message=message))
 
     # --- the main thread -----------------------------------------------------------------------
 
@@ -117,16 +126,29 @@ class MqttBridge:
         """Handle messages until `stop()`; then disconnect (the session and its messages stay with the broker)."""
         if self._client is None:
             self.start()
+        threads = [
+            threading.Thread(target=self._run_lane, args=(lane,), name=f"mqtt-lane-{n}", daemon=True)
+            for n, lane in enumerate(self._lanes)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    def _run_lane(self, lane: "queue.Queue[_Delivery]") -> None:
         try:
             while not self._stopping.is_set():
                 try:
-                    delivery = self._inbox.get(timeout=0.5)
+                    delivery = lane.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 self._handle(delivery)
         finally:
-            self._client.disconnect()
-            self._client.loop_stop()
+            close_old_connections()
 
     def _attempt(self, message: paho.MQTTMessage) -> Outcome | None:
         """Handle the message until it is done with; None if the bridge is stopping first."""
@@ -167,7 +189,8 @@ class MqttBridge:
             self._tell_device(message.topic, outcome.error)
         if message.qos > 0 and delivery.connection == self._connection and self._connected.is_set():
             self._client.ack(message.mid, message.qos)
-        self.handled += 1
+        with self._handled_lock:
+            self.handled += 1
 
     def _tell_device(self, topic: str, error: dict) -> None:
         parsed = topics.topic_parse(topic)

@@ -26,7 +26,9 @@ class Command(BaseCommand):
         if not mqtt_enabled():
             raise CommandError("MQTT_URL is empty: there is no broker to bridge.")
         client_id = f"{settings.MQTT_BRIDGE_CLIENT_ID}-{options['index']}"
-        bridge = MqttBridge(client_id=client_id, shared_group=settings.MQTT_SHARED_GROUP)
+        bridge = MqttBridge(
+            client_id=client_id, shared_group=settings.MQTT_SHARED_GROUP, lanes=settings.MQTT_BRIDGE_LANES
+        )
         signal.signal(signal.SIGTERM, lambda signum, frame: bridge.stop())
         signal.signal(signal.SIGINT, lambda signum, frame: bridge.stop())
         try:

@@ -68,6 +68,7 @@ class MqttBridge:
         self._lanes: list[queue.Queue[_Delivery]] = [queue.Queue() for _ in range(max(1, lanes))]
         self._connection = 0
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._stopping = threading.Event()
         self._client: paho.Client | None = None
 
@@ -88,6 +89,7 @@ class MqttBridge:
         if refused:
             logger.error("MQTT bridge %s: the broker refused the subscriptions %s", self.client_id, refused)
             return
+        self._subscribed.set()
         logger.info("MQTT bridge %s subscribed to %s", self.client_id, ", ".join(self.filters))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -115,8 +117,9 @@ class MqttBridge:
         client.loop_start()
         self._client = client
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Whether the broker confirmed the subscriptions (SUBACK) within `timeout` seconds."""
+        return self._subscribed.wait(timeout)
 
     def stop(self) -> None:
         """Stop after the message being handled (it is acknowledged if it was done with, else redelivered)."""

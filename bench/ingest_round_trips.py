@@ -180,20 +180,7 @@ SELECT (SELECT count(*) FROM ins), (SELECT group_id FROM d), now(){{extra}}
                 )
                 inserted, group_id, received_at, *returned = cursor.fetchone()
             if inserted == len(batch):
-                position = 0
-                for hook in services._points_stored_hooks:
-                    extra = {}
-                    for name in hook.sql:
-                        extra[name] = returned[position]
-                        position += 1
-                    hook.function(
-                        device_id=batch.device_id,
-                        group_id=group_id,
-                        metrics=batch.metrics,
-                        values=batch.values,
-                        timestamps=batch.timestamps,
-                        **extra,
-                    )
+                services._points_stored_hooks_run(points=batch, group_id=group_id, returned=returned)
                 device_mark_seen(device_ids=[batch.device_id])
                 return received_at, group_id
             status = device_status_get(device_id=batch.device_id)

@@ -90,7 +90,7 @@ outcome; points are counted `accepted` after the commit, with the publish.
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -328,6 +328,25 @@ def telemetry_points_stored_hook_register(*, hook: Callable[..., object], sql: d
     _store_sql.clear()
 
 
+def _points_stored_hooks_run(*, points: PointColumns, group_id: str | None, returned: Sequence) -> None:
+    """Call every stored-points hook with the points stored and the values its `sql` expressions returned
+    (in `returned`, the statement's extra columns, in registration order)."""
+    position = 0
+    for hook in _points_stored_hooks:
+        extra = {}
+        for name in hook.sql:
+            extra[name] = returned[position]
+            position += 1
+        hook.function(
+            device_id=points.device_id,
+            group_id=group_id,
+            metrics=points.metrics,
+            values=points.values,
+            timestamps=points.timestamps,
+            **extra,
+        )
+
+
 def _store_statement() -> str:
     if not _store_sql:
         extra = "".join(
@@ -435,20 +454,7 @@ def _insert_points_once(*, batch: PointColumns) -> _Stored:
             # Only the points stored now are evaluated: a redelivered or retried point was evaluated
             # when it was first stored (and the first value stays, so the alert it raised is right).
             if inserted:
-                position = 0
-                for hook in _points_stored_hooks:
-                    extra = {}
-                    for name in hook.sql:
-                        extra[name] = returned[position]
-                        position += 1
-                    hook.function(
-                        device_id=batch.device_id,
-                        group_id=group_id,
-                        metrics=points.metrics,
-                        values=points.values,
-                        timestamps=points.timestamps,
-                        **extra,
-                    )
+                _points_stored_hooks_run(points=points, group_id=group_id, returned=returned)
             tombstone = None
             if seen_version is not None:  # the statement bumped last_seen (or woke the device)
                 tombstone = device_seen_changed(device_id=batch.device_id, version=seen_version)

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SERVICES := $(BIN)/python scripts/devservices.py
 
-.PHONY: run demo web worker manage test lint format bench clean-var
+.PHONY: run demo web worker manage test lint format bench bench-tasks clean-var
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ format: $(STAMP)
 ## needs wrk: apt-get install wrk). BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--rounds 3"
 bench: $(STAMP)
 	$(SERVICES) --instance bench run -- $(BIN)/python bench/suite.py $(BENCH_ARGS)
+
+## bench-tasks: prove the bug-fix benchmark valid (tasks_bench/): each task's graders pass on the code and fail
+## with its bug.patch, 3 runs of each in copies of the repository; table + var/tasks_bench/verify.json.
+## ARGS passes options, e.g. make bench-tasks ARGS="--task 01 --repeat 1"
+bench-tasks: $(STAMP)
+	$(SERVICES) --instance bench-tasks run -- env DJANGO_SETTINGS_MODULE=iot.settings_test \
+		$(BIN)/python manage.py tasks_bench verify $(ARGS)
 
 clean-var:
 	rm -rf var/

@@ -49,6 +49,8 @@ INSTALLED_APPS = [
     "alerts",
     "analytics",
     "mqtt",
+    # The bug-fix benchmark (manage.py tasks_bench): no models, no URLs, only its command.
+    "tasks_bench",
 ]
 
 MIDDLEWARE = [

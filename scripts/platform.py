@@ -97,6 +97,12 @@ def web_argv() -> list[str]:
         "--no-access-log",
         "--timeout-graceful-shutdown",
         "10",
+        # An idle keep-alive connection is closed after this long. uvicorn's 5 s equals httpx's pool expiry,
+        # so a client reusing a connection at that moment got "Server disconnected" / a reset for a request
+        # the server never read (seen by tasks_bench task 05's graders on clean code). Longer than common
+        # load balancers' idle timeouts (60 s), as they expect of the servers behind them.
+        "--timeout-keep-alive",
+        os.environ.get("WEB_KEEPALIVE_SECONDS") or "75",
     ]
 
 

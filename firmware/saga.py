@@ -193,16 +193,23 @@ def dispatch_undo(run: SagaRunView) -> None:
 # --- 4. await_feedback -------------------------------------------------------------------------
 
 
-def feedback_deadline(update: FirmwareUpdate) -> datetime:
+def device_timeout_seconds(run: SagaRunView | None) -> float:
+    """The update's device timeout: the one it started with (in its saga's context), else the setting."""
+    started_with = run.context.get("device_timeout_seconds") if run is not None else None
+    return float(started_with if started_with is not None else settings.FIRMWARE_DEVICE_TIMEOUT_SECONDS)
+
+
+def feedback_deadline(update: FirmwareUpdate, *, timeout_seconds: float | None = None) -> datetime:
     """When a device that has not reported its result counts as silent.
 
-    `FIRMWARE_DEVICE_TIMEOUT_SECONDS` after its last sign of life (the dispatch or its last
-    report), or after its maintenance window closes: a device waiting for its window to
-    install is not silent.
+    `timeout_seconds` (the update's device timeout, `FIRMWARE_DEVICE_TIMEOUT_SECONDS` when it
+    started) after its last sign of life (the dispatch or its last report), or after its
+    maintenance window closes: a device waiting for its window to install is not silent.
     """
     moments = [update.dispatched_at, update.last_report_at, update.maintenance_window_end]
     last = max(moment for moment in moments if moment is not None)
-    return last + timedelta(seconds=settings.FIRMWARE_DEVICE_TIMEOUT_SECONDS)
+    seconds = settings.FIRMWARE_DEVICE_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds
+    return last + timedelta(seconds=seconds)
 
 
 def await_feedback(run: SagaRunView) -> dict | StepWait:
@@ -212,13 +219,13 @@ def await_feedback(run: SagaRunView) -> dict | StepWait:
         raise StepFailed(f"the device reported a failure: {update.device_reason or 'no reason given'}")
     if update.device_result == DeviceResult.INSTALLED:
         return {"reported_version": update.reported_version}
-    deadline = feedback_deadline(update)
+    timeout = device_timeout_seconds(run)
+    deadline = feedback_deadline(update, timeout_seconds=timeout)
     now = timezone.now()
     if now >= deadline:
         last = update.last_report_at or update.dispatched_at
         raise StepFailed(
-            f"device silent: no result reported {settings.FIRMWARE_DEVICE_TIMEOUT_SECONDS:g} s after "
-            f"its last sign of life ({last.isoformat()})"
+            f"device silent: no result reported {timeout:g} s after its last sign of life ({last.isoformat()})"
         )
     return StepWait(until=deadline)
 

@@ -350,7 +350,14 @@ def firmware_update_start(
                     active_status=active.status,
                 ) from None
             continue
-        context = {"update_id": str(update_id), "device_id": str(device_id)}
+        # The device timeout the update runs with is the one it started with: every worker that takes a step
+        # judges silence alike, whatever its own settings (a deployment changing them mid-update, or two
+        # server sets on one database during a rolling upgrade).
+        context = {
+            "update_id": str(update_id),
+            "device_id": str(device_id),
+            "device_timeout_seconds": settings.FIRMWARE_DEVICE_TIMEOUT_SECONDS,
+        }
         if rollout_id is not None:
             context["rollout_id"] = str(rollout_id)
         run_id = saga_start(name=SAGA_NAME, key=str(update_id), context=context)

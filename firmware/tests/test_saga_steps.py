@@ -261,3 +261,15 @@ def test_on_finish_never_rewrites_a_final_status():
 
 def test_version_helper_makes_distinct_labels():
     assert new_version() != new_version()
+
+
+def test_an_update_keeps_the_device_timeout_it_started_with(settings):
+    """A worker with another FIRMWARE_DEVICE_TIMEOUT_SECONDS (a settings change mid-update, two server sets on one
+    database) judges silence by the update's own timeout, not its setting: it once waited 600 s instead of 4."""
+    from types import SimpleNamespace
+
+    from firmware.saga import device_timeout_seconds
+
+    settings.FIRMWARE_DEVICE_TIMEOUT_SECONDS = 600
+    assert device_timeout_seconds(SimpleNamespace(context={"device_timeout_seconds": 4})) == 4.0
+    assert device_timeout_seconds(SimpleNamespace(context={})) == 600.0  # an update started before the change
